@@ -1,0 +1,1 @@
+"""AdaOS hub bridge: intent requests from the event bus to the service and gated events back."""

@@ -1,0 +1,265 @@
+"""Intent catalog and entity registry: YAML files under ``catalog/``, schema-checked at load."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+OwnerType = Literal["skill", "scenario", "system_action", "interpreter", "builtin", "teacher"]
+LOCALES = ("ru", "en")
+
+
+class CatalogError(ValueError):
+    """A catalog file is malformed; the message names the file and the key."""
+
+    def __init__(self, path: Path | str, key: str, message: str) -> None:
+        super().__init__(f"{path}: {key}: {message}")
+        self.path = str(path)
+        self.key = key
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    pass
+
+
+class Owner(_Strict):
+    """Who owns a catalog file (skill, scenario, system action...)."""
+
+    type: OwnerType
+    id: str
+
+
+class SlotSpec(_Strict):
+    """A slot an intent may carry.
+
+    ``source`` names the canonicalization placeholder that fills it (``time``, ``device``,
+    ``scenario``...); it defaults to the slot name. ``value`` picks what goes into the slot:
+    the normalized ``value`` (e.g. "07:30"), the canonical ``ref`` (``device:light:kitchen``), the
+    entity ``id`` (the last segment of the ref), or the matched ``text``.
+    """
+
+    source: str | None = None
+    value: Literal["value", "ref", "id", "text"] = "value"
+    required: bool = False
+    description: str = ""
+
+
+class RegexRule(_Strict):
+    """A deterministic rule matched against the canonicalized (placeholder-masked) text.
+
+    Rules are tried by ``priority`` (higher first), then in catalog order. Named groups become
+    slots; placeholders matched by the rule bring their canonical slots along.
+    """
+
+    pattern: str
+    locale: Literal["ru", "en", "any"] = "any"
+    priority: int = 0
+    id: str = ""
+
+
+class GoldenCase(_Strict):
+    """A must-not-break case for promotion and regression tests."""
+
+    text: str
+    locale: Literal["ru", "en"] | None = None
+    slots: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class Thresholds(_Strict):
+    """Per-intent stricter gate thresholds (never laxer than the model's)."""
+
+    accept: float | None = None
+    margin: float | None = None
+
+
+class Intent(_Strict):
+    """One intent: what it means, its slots, examples per locale, negatives and rules."""
+
+    intent: str
+    description: dict[str, str]
+    examples: dict[str, list[str]]
+    slots: dict[str, SlotSpec] = msgspec.field(default_factory=dict)
+    negatives: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    regex: list[RegexRule] = msgspec.field(default_factory=list)
+    golden: list[GoldenCase] = msgspec.field(default_factory=list)
+    action: str | None = None
+    tool: str | None = None
+    risky: bool = False
+    thresholds: Thresholds | None = None
+    prior: float = 1.0
+
+
+class IntentFile(_Strict):
+    """One owner's file under ``catalog/intents/``."""
+
+    owner: Owner
+    intents: list[Intent]
+    out_of_scope: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    schema_version: int = 1
+
+
+class Entity(_Strict):
+    """A named thing users refer to: device, room, scenario, app, modal, webspace, skill."""
+
+    ref: str
+    aliases: dict[str, list[str]]
+    room: str | None = None
+    label: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class EntityFile(_Strict):
+    """``catalog/entities/*.yaml``: entities grouped under a kind (``device.light``, ``scenario``...)."""
+
+    kinds: dict[str, list[Entity]]
+    schema_version: int = 1
+
+
+class Example(msgspec.Struct, frozen=True):
+    """A flattened training row."""
+
+    text: str
+    intent: str
+    locale: str
+    owner: str
+
+
+class Catalog(msgspec.Struct, frozen=True):
+    """Everything loaded from ``catalog/``: intents by name, entities, masking rules, digest."""
+
+    root: str
+    intents: dict[str, Intent]
+    owners: dict[str, Owner]
+    entities: dict[str, list[Entity]]
+    out_of_scope: dict[str, list[str]]
+    masking: dict[str, Any]
+    digest: str
+
+    def examples(self, locales: Iterable[str] | None = None) -> Iterator[Example]:
+        """Positive examples as flat rows, in catalog order."""
+        wanted = set(locales) if locales is not None else None
+        for name, intent in self.intents.items():
+            for locale, texts in intent.examples.items():
+                if wanted is None or locale in wanted:
+                    for text in texts:
+                        yield Example(text, name, locale, self.owners[name].id)
+
+    def negatives(self, locales: Iterable[str] | None = None) -> Iterator[Example]:
+        """Negative rows: per-intent negatives (intent = the one they are *not*) and out-of-scope."""
+        wanted = set(locales) if locales is not None else None
+        for name, intent in self.intents.items():
+            for locale, texts in intent.negatives.items():
+                if wanted is None or locale in wanted:
+                    for text in texts:
+                        yield Example(text, name, locale, self.owners[name].id)
+        for locale, texts in self.out_of_scope.items():
+            if wanted is None or locale in wanted:
+                for text in texts:
+                    yield Example(text, "oos", locale, "catalog")
+
+
+_INTENT_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise CatalogError(path, "$", f"invalid YAML: {exc}") from exc
+
+
+def _convert(path: Path, raw: Any, typ: type[Any]) -> Any:
+    try:
+        return msgspec.convert(raw, typ)
+    except msgspec.ValidationError as exc:
+        # msgspec names the key path in its message ("... - at `$.intents[0].foo`").
+        text = str(exc)
+        key = text.rsplit("at `", 1)[-1].rstrip("`") if "at `" in text else "$"
+        raise CatalogError(path, key, text) from exc
+
+
+def _check_intent(path: Path, idx: int, intent: Intent) -> None:
+    where = f"$.intents[{idx}]"
+    if not _INTENT_NAME.match(intent.intent):
+        raise CatalogError(path, f"{where}.intent", f"bad intent name {intent.intent!r}")
+    for field_name, per_locale in (("examples", intent.examples), ("negatives", intent.negatives)):
+        for locale in per_locale:
+            if locale not in LOCALES:
+                raise CatalogError(path, f"{where}.{field_name}.{locale}", "unknown locale")
+    if not any(intent.examples.values()):
+        raise CatalogError(path, f"{where}.examples", f"intent {intent.intent} has no examples")
+    for r_idx, rule in enumerate(intent.regex):
+        try:
+            re.compile(rule.pattern)
+        except re.error as exc:
+            raise CatalogError(path, f"{where}.regex[{r_idx}].pattern", str(exc)) from exc
+    if intent.thresholds and intent.thresholds.accept is not None:
+        if not 0.0 < intent.thresholds.accept <= 1.0:
+            raise CatalogError(path, f"{where}.thresholds.accept", "must be in (0, 1]")
+
+
+def load_catalog(root: Path | str) -> Catalog:
+    """Load and validate every YAML file of a catalog directory.
+
+    Layout: ``intents/*.yaml`` (one file per owner), ``entities/*.yaml``, ``masking.yaml``.
+    Unknown keys, bad types, duplicate intents or entity refs raise :class:`CatalogError`.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise CatalogError(root, "$", "catalog directory not found")
+    digest = hashlib.sha256()
+    intents: dict[str, Intent] = {}
+    owners: dict[str, Owner] = {}
+    oos: dict[str, list[str]] = {}
+    files = sorted((root / "intents").glob("*.yaml"))
+    if not files:
+        raise CatalogError(root / "intents", "$", "no intent files")
+    for path in files:
+        raw_bytes = path.read_bytes()
+        digest.update(path.name.encode() + b"\0" + raw_bytes)
+        parsed: IntentFile = _convert(path, _read_yaml(path), IntentFile)
+        for idx, intent in enumerate(parsed.intents):
+            _check_intent(path, idx, intent)
+            if intent.intent in intents:
+                raise CatalogError(path, f"$.intents[{idx}].intent", f"duplicate {intent.intent}")
+            intents[intent.intent] = intent
+            owners[intent.intent] = parsed.owner
+        for locale, texts in parsed.out_of_scope.items():
+            if locale not in LOCALES:
+                raise CatalogError(path, f"$.out_of_scope.{locale}", "unknown locale")
+            oos.setdefault(locale, []).extend(texts)
+
+    entities: dict[str, list[Entity]] = {}
+    seen_refs: set[str] = set()
+    for path in sorted((root / "entities").glob("*.yaml")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        efile: EntityFile = _convert(path, _read_yaml(path), EntityFile)
+        for kind, items in efile.kinds.items():
+            for e_idx, entity in enumerate(items):
+                if entity.ref in seen_refs:
+                    raise CatalogError(path, f"$.kinds.{kind}[{e_idx}].ref", "duplicate ref")
+                seen_refs.add(entity.ref)
+            entities.setdefault(kind, []).extend(items)
+
+    masking: dict[str, Any] = {}
+    masking_path = root / "masking.yaml"
+    if masking_path.exists():
+        digest.update(b"masking.yaml\0" + masking_path.read_bytes())
+        loaded = _read_yaml(masking_path)
+        if not isinstance(loaded, dict):
+            raise CatalogError(masking_path, "$", "must be a mapping")
+        masking = loaded
+    return Catalog(
+        root=str(root),
+        intents=intents,
+        owners=owners,
+        entities=entities,
+        out_of_scope=oos,
+        masking=masking,
+        digest=digest.hexdigest(),
+    )

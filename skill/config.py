@@ -1,0 +1,119 @@
+"""One frozen config, built once at start-up from defaults, an optional file, the environment and flags."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import platformdirs
+import yaml
+
+from . import SERVICE_NAME
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PORT = 18091
+
+
+class ConfigError(ValueError):
+    """A config file or variable is wrong; the message names the source and key."""
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Every setting of the service; thresholds left as None come from the active model."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    catalog_dir: str = str(REPO_ROOT / "catalog")
+    models_dir: str = ""  # the node's artifact root; "" = derived from ADAOS_* or platform dirs
+    embedded_models_dir: str = str(REPO_ROOT / "models")
+    model_id: str | None = None  # pins a version; wins over the pointer
+    accept_confidence: float | None = None
+    reject_confidence: float | None = None
+    margin: float | None = None
+    max_body_bytes: int = 64 * 1024
+    max_text_chars: int = 1000
+    onnx_threads: int = 1
+    workers: int = 4
+    llm_model: str | None = None
+    llm_budget_ms: int = 1500
+    llm_queue: int = 4
+    llm_threads: int = 2
+    watch_pointer: bool = True
+    log_level: str = "INFO"
+
+    def model_roots(self) -> list[Path]:
+        """Where model versions are looked up, in order: the node's root, then the embedded one."""
+        roots = [Path(self.models_dir)] if self.models_dir else []
+        embedded = Path(self.embedded_models_dir)
+        if embedded not in roots:
+            roots.append(embedded)
+        return roots
+
+
+# Environment variables AdaOS (or an operator) sets, mapped to config fields.
+_ENV: dict[str, str] = {
+    "ADAOS_SERVICE_HOST": "host",
+    "ADAOS_SERVICE_PORT": "port",
+    "ADAOS_NEURAL_ARTIFACT_ROOT": "models_dir",
+    "ADAOS_NLU_NEURAL_MODEL_ID": "model_id",
+    "ADAOS_NLU_NEURAL_ACCEPT_CONFIDENCE": "accept_confidence",
+    "ADAOS_NLU_NEURAL_REJECT_CONFIDENCE": "reject_confidence",
+    "NLU_CATALOG_DIR": "catalog_dir",
+    "NLU_LLM_MODEL": "llm_model",
+    "NLU_ONNX_THREADS": "onnx_threads",
+}
+
+
+def default_models_dir(env: Mapping[str, str]) -> str:
+    """AdaOS's artifact root when run by AdaOS, the platform data dir otherwise."""
+    if env.get("ADAOS_STATE_DIR"):
+        return str(Path(env["ADAOS_STATE_DIR"]) / "nlu" / "neural")
+    return str(Path(platformdirs.user_data_dir(SERVICE_NAME)) / "models")
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: config must be a mapping")
+    unknown = sorted(set(raw) - set(Config.__struct_fields__))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r}")
+    return raw
+
+
+def load_config(
+    *,
+    file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Defaults ← file ← environment ← command-line overrides (None values are ignored)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    if file:
+        values.update(_from_file(Path(file)))
+    for var, field in _ENV.items():
+        if env.get(var, "") != "":
+            values[field] = env[var]
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if not values.get("models_dir"):
+        values["models_dir"] = default_models_dir(env)
+    try:
+        cfg = msgspec.convert(values, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid setting: {exc}") from exc
+    for name in ("accept_confidence", "reject_confidence", "margin"):
+        val = getattr(cfg, name)
+        if val is not None and not 0.0 <= val <= 1.0:
+            raise ConfigError(f"{name} must be within [0, 1], got {val}")
+    if not 0 < cfg.port < 65536:
+        raise ConfigError(f"port out of range: {cfg.port}")
+    return cfg

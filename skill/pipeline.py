@@ -1,0 +1,170 @@
+"""The stage order: canonicalize → regex → neural ranker → gate → LLM fallback → gate."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+import msgspec
+
+from .canonicalize import Canonical, Canonicalizer
+from .catalog import Catalog, Intent
+from .decision import Decision, Outcome
+from .gate import GateConfig, IntentPolicy, gate
+from .regex_stage import RegexStage
+
+
+class Stage(Protocol):
+    """A decision stage over canonicalized text."""
+
+    def decide(self, canonical: Canonical) -> Decision: ...
+
+
+class ModelStage(Stage, Protocol):
+    """A stage backed by a versioned model (the neural ranker)."""
+
+    model_id: str
+
+    @property
+    def thresholds(self) -> dict[str, float]: ...
+
+
+class FallbackStage(Protocol):
+    """A slower stage that sees the ranker's proposal (the local LLM)."""
+
+    def decide_fallback(self, canonical: Canonical, proposal: Decision) -> Decision: ...
+
+
+class StageTrace(msgspec.Struct, frozen=True):
+    """What one stage did and how long it took."""
+
+    stage: str
+    outcome: str
+    ms: float
+    intent: str | None = None
+    confidence: float | None = None
+    reason: str | None = None
+
+
+class ParseResult(msgspec.Struct, frozen=True):
+    """The pipeline's answer: the final gated decision plus everything that led to it."""
+
+    decision: Decision
+    canonical: Canonical
+    stages: tuple[StageTrace, ...]
+    model_id: str | None
+
+
+def fill_slots(intent: Intent | None, canonical: Canonical, extra: dict[str, Any]) -> dict[str, Any]:
+    """The intent's declared slots, from canonicalized entities and the stage's own slots."""
+    if intent is None:
+        return {}
+    slots: dict[str, Any] = {}
+    for name, spec in intent.slots.items():
+        if name in extra:
+            slots[name] = extra[name]
+            continue
+        source = spec.source or name
+        match = next((e for e in canonical.entities if e.placeholder == source), None)
+        if match is None:
+            continue
+        if spec.value == "ref":
+            slots[name] = match.ref or match.value
+        elif spec.value == "id":
+            slots[name] = (match.ref or match.value).rsplit(":", 1)[-1]
+        elif spec.value == "text":
+            slots[name] = match.text
+        else:
+            slots[name] = match.value
+    return slots
+
+
+def _trace(name: str, decision: Decision, started: float) -> StageTrace:
+    return StageTrace(
+        stage=name,
+        outcome=decision.outcome.value,
+        ms=round((time.perf_counter() - started) * 1000.0, 3),
+        intent=decision.intent,
+        confidence=round(decision.confidence, 4) if decision.intent else None,
+        reason=decision.reason,
+    )
+
+
+class Pipeline:
+    """Chains the stages; immutable once built, so a reload swaps a whole Pipeline."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        canonicalizer: Canonicalizer,
+        *,
+        regex: RegexStage | None,
+        ranker: ModelStage | None,
+        llm: FallbackStage | None = None,
+        gate_config: GateConfig | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.canonicalizer = canonicalizer
+        self.regex = regex
+        self.ranker = ranker
+        self.llm = llm
+        self.gate_config = gate_config or GateConfig()
+        self.policies = {
+            name: IntentPolicy(accept=i.thresholds.accept, margin=i.thresholds.margin)
+            for name, i in catalog.intents.items()
+            if i.thresholds is not None
+        }
+
+    @property
+    def model_id(self) -> str | None:
+        """The id of the model behind the neural stage, if any."""
+        return self.ranker.model_id if self.ranker is not None else None
+
+    def _gate(self, decision: Decision) -> Decision:
+        return gate(decision, self.gate_config, self.policies.get(decision.intent or ""))
+
+    def parse(
+        self, text: str, locale: str | None = None, hub_entities: dict[str, Any] | None = None
+    ) -> ParseResult:
+        """Run every stage that is needed and return the final decision."""
+        traces: list[StageTrace] = []
+        started = time.perf_counter()
+        canonical = self.canonicalizer.canonicalize(text, locale, hub_entities)
+        traces.append(
+            StageTrace("canonicalize", "ok", round((time.perf_counter() - started) * 1000.0, 3))
+        )
+        final = self._decide(canonical, traces)
+        intent = self.catalog.intents.get(final.intent) if final.intent else None
+        evidence = dict(final.evidence)
+        evidence.setdefault("canonicalized_text", canonical.masked)
+        evidence["entities"] = [msgspec.to_builtins(e) for e in canonical.entities]
+        if canonical.ambiguities:
+            evidence["ambiguities"] = [msgspec.to_builtins(a) for a in canonical.ambiguities]
+        final = msgspec.structs.replace(
+            final, slots=fill_slots(intent, canonical, final.slots), evidence=evidence
+        )
+        return ParseResult(final, canonical, tuple(traces), self.model_id)
+
+    def _decide(self, canonical: Canonical, traces: list[StageTrace]) -> Decision:
+        if self.regex is not None:
+            started = time.perf_counter()
+            hit = self.regex.decide(canonical)
+            traces.append(_trace("regex", hit, started))
+            if hit.outcome is Outcome.ACCEPT:
+                return hit
+        if self.ranker is None:
+            return Decision.abstain("neural", "model_not_loaded")
+        started = time.perf_counter()
+        proposal = self._gate(self.ranker.decide(canonical))
+        traces.append(_trace("neural", proposal, started))
+        if proposal.outcome is not Outcome.ABSTAIN or self.llm is None:
+            return proposal
+        started = time.perf_counter()
+        fallback = self._gate(self.llm.decide_fallback(canonical, proposal))
+        traces.append(_trace("llm", fallback, started))
+        if fallback.outcome is Outcome.ACCEPT:
+            return fallback
+        # The LLM could not settle it either: keep the ranker's answer, note the LLM's view.
+        evidence = dict(proposal.evidence)
+        evidence["llm"] = {"outcome": fallback.outcome.value, "reason": fallback.reason, **fallback.evidence}
+        return msgspec.structs.replace(proposal, evidence=evidence)

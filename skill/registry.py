@@ -1,0 +1,67 @@
+"""Model versions and the active pointer: one small JSON file replaced atomically."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+
+import msgspec
+
+POINTER_NAME = "active.json"
+HISTORY_NAME = "history.jsonl"
+
+
+class Pointer(msgspec.Struct, frozen=True):
+    """``active.json``: which version serves, and which one served before it."""
+
+    model_id: str
+    previous: str | None = None
+    updated: str = ""
+
+
+def read_pointer(root: Path) -> Pointer | None:
+    """The pointer in ``root``, or None when there is none (a damaged pointer is an error)."""
+    path = root / POINTER_NAME
+    if not path.is_file():
+        return None
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=Pointer)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"{path}: damaged pointer: {exc}") from exc
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_pointer(root: Path, model_id: str, *, who: str = "", why: str = "") -> Pointer:
+    """Point ``root`` at ``model_id`` (atomically) and append the change to the history."""
+    root.mkdir(parents=True, exist_ok=True)
+    old = read_pointer(root)
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    pointer = Pointer(model_id=model_id, previous=old.model_id if old else None, updated=now)
+    _atomic_write(root / POINTER_NAME, json.dumps(msgspec.to_builtins(pointer), indent=2).encode() + b"\n")
+    entry = {"ts": now, "who": who or os.environ.get("USER", ""), "from": pointer.previous, "to": model_id, "why": why}
+    with (root / HISTORY_NAME).open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    return pointer
+
+
+def resolve_model_dir(roots: list[Path], pinned: str | None = None) -> Path | None:
+    """The folder of the model to serve: a pinned id wins, else the first root with a pointer."""
+    for root in roots:
+        if pinned:
+            if (root / pinned).is_dir():
+                return root / pinned
+            continue
+        pointer = read_pointer(root)
+        if pointer is not None:
+            return root / pointer.model_id
+    return None

@@ -1,0 +1,176 @@
+"""Service state: builds pipelines from config and the active model, swaps them atomically on reload."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from . import SERVICE_NAME, __version__
+from .canonicalize import Canonicalizer
+from .catalog import Catalog, load_catalog
+from .config import Config
+from .gate import GateConfig
+from .pipeline import FallbackStage, ModelStage, Pipeline
+from .registry import resolve_model_dir
+from .regex_stage import RegexStage
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class StageStatus(msgspec.Struct):
+    """Whether a stage is serving, and why not."""
+
+    ready: bool
+    detail: str = ""
+
+
+class ReloadEvent(msgspec.Struct, frozen=True):
+    """One attempt to load a model version (kept for /health and metrics)."""
+
+    ts: str
+    ok: bool
+    model_id: str | None
+    error: str | None = None
+    trigger: str = "start"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def load_ranker(model_dir: Path, threads: int) -> ModelStage:
+    """Load and verify a ranker; imported lazily so a regex-only service needs no ML runtime."""
+    from .ranker import Ranker  # noqa: PLC0415 - optional heavy dependency
+
+    return Ranker.load(model_dir, threads=threads)
+
+
+def load_llm(config: Config, catalog: Catalog) -> FallbackStage:
+    """Load the llama.cpp fallback for the configured GGUF file."""
+    from .llm import LlmStage  # noqa: PLC0415 - optional heavy dependency
+
+    return LlmStage.load(config, catalog)
+
+
+class ServiceState:
+    """Owns the current pipeline; readers take a reference, reloads replace it whole."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pipeline: Pipeline | None = None
+        self.stages: dict[str, StageStatus] = {
+            "canonicalize": StageStatus(False, "loading"),
+            "regex": StageStatus(False, "loading"),
+            "neural": StageStatus(False, "loading"),
+            "llm": StageStatus(False, "not configured"),
+        }
+        self.reloads: list[ReloadEvent] = []
+        self.started = time.monotonic()
+        self.load_error: str | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        """True once a pipeline serves (possibly without a model)."""
+        return self.pipeline is not None
+
+    def _gate_config(self, ranker: ModelStage | None) -> GateConfig:
+        model = ranker.thresholds if ranker is not None else {}
+        cfg = self.config
+        return GateConfig(
+            accept=cfg.accept_confidence if cfg.accept_confidence is not None else model.get("accept", 0.80),
+            reject=cfg.reject_confidence if cfg.reject_confidence is not None else model.get("reject", 0.45),
+            margin=cfg.margin if cfg.margin is not None else model.get("margin", 0.10),
+        )
+
+    def load(self, trigger: str = "start") -> ReloadEvent:
+        """Build a new pipeline and swap it in; on a model failure keep the old one serving."""
+        with self._lock:
+            return self._load(trigger)
+
+    def _load(self, trigger: str) -> ReloadEvent:
+        cfg = self.config
+        catalog = load_catalog(cfg.catalog_dir)
+        canonicalizer = Canonicalizer(catalog)
+        regex = RegexStage(catalog)
+        self.stages["canonicalize"] = StageStatus(True, f"{sum(len(v) for v in catalog.entities.values())} entities")
+        self.stages["regex"] = StageStatus(True, f"{len(regex.rules)} rules")
+        old = self.pipeline
+        ranker: ModelStage | None = None
+        error: str | None = None
+        model_dir = resolve_model_dir(cfg.model_roots(), cfg.model_id)
+        if model_dir is None:
+            error = (
+                f"model {cfg.model_id!r} not found" if cfg.model_id else "no active model pointer"
+            )
+        else:
+            try:
+                ranker = load_ranker(model_dir, cfg.onnx_threads)
+            except Exception as exc:  # noqa: BLE001 - any load failure is reported, never fatal
+                error = f"{type(exc).__name__}: {exc}"
+        if ranker is None and old is not None and old.ranker is not None:
+            # Refuse the new version; the old one keeps serving.
+            event = ReloadEvent(_now(), False, old.model_id, error, trigger)
+            _LOGGER.error("model load refused (%s); still serving %s", error, old.model_id)
+            self.reloads.append(event)
+            self.load_error = error
+            return event
+        llm = old.llm if old is not None else None
+        if llm is None and cfg.llm_model:
+            try:
+                llm = load_llm(cfg, catalog)
+                self.stages["llm"] = StageStatus(True, Path(cfg.llm_model).name)
+            except Exception as exc:  # noqa: BLE001 - the LLM stage is optional
+                self.stages["llm"] = StageStatus(False, f"disabled: {type(exc).__name__}: {exc}")
+                _LOGGER.warning("LLM fallback disabled: %s", exc)
+        self.pipeline = Pipeline(
+            catalog,
+            canonicalizer,
+            regex=regex,
+            ranker=ranker,
+            llm=llm,
+            gate_config=self._gate_config(ranker),
+        )
+        self.stages["neural"] = StageStatus(ranker is not None, ranker.model_id if ranker else (error or ""))
+        self.load_error = error
+        event = ReloadEvent(_now(), ranker is not None, self.pipeline.model_id, error, trigger)
+        self.reloads.append(event)
+        del self.reloads[:-20]
+        return event
+
+    def health(self) -> dict[str, Any]:
+        """The /health body: the contract's fields plus stage and reload detail."""
+        pipe = self.pipeline
+        ranker = pipe.ranker if pipe is not None else None
+        info: dict[str, Any] = {}
+        if ranker is not None and hasattr(ranker, "info"):
+            info = ranker.info()
+        body: dict[str, Any] = {
+            "ok": pipe is not None,
+            "status": "loading" if pipe is None else ("ready" if ranker is not None else "degraded"),
+            "service": SERVICE_NAME,
+            "version": __version__,
+            "model_loaded": ranker is not None,
+            "model_id": pipe.model_id if pipe is not None else None,
+            "template_backend_ready": self.stages["regex"].ready,
+            "examples_total": info.get("examples_total", 0),
+            "negatives_total": info.get("negatives_total", 0),
+            "index_backend": info.get("index_backend"),
+            "model": info,
+            "stages": {k: msgspec.to_builtins(v) for k, v in self.stages.items()},
+            "thresholds": msgspec.to_builtins(pipe.gate_config) if pipe is not None else None,
+            "catalog": {
+                "intents": len(pipe.catalog.intents) if pipe is not None else 0,
+                "digest": pipe.catalog.digest[:12] if pipe is not None else None,
+            },
+            "last_reload": msgspec.to_builtins(self.reloads[-1]) if self.reloads else None,
+            "load_error": self.load_error,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+        }
+        return body

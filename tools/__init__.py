@@ -1,0 +1,1 @@
+"""Maintainer tools: train, bench, eval, promote; run as ``python -m tools.<name>``."""
