@@ -173,6 +173,28 @@ def _read_yaml(path: Path) -> Any:
         raise CatalogError(path, "$", f"invalid YAML: {exc}") from exc
 
 
+_PATH_TOKEN = re.compile(r"\.([A-Za-z_][\w-]*)|\[(\d+)\]|\[\.\.\.\]")
+
+
+def _resolve_key(raw: Any, key: str) -> str:
+    """Replace msgspec's ``[...]`` (an unnamed mapping key) by the real key(s) found in ``raw``."""
+    tokens = [m for m in _PATH_TOKEN.finditer(key[1:])] if key.startswith("$") else []
+    paths: list[tuple[str, Any]] = [("$", raw)]
+    for tok in tokens:
+        nxt: list[tuple[str, Any]] = []
+        for prefix, node in paths:
+            if tok.group(1) is not None and isinstance(node, dict) and tok.group(1) in node:
+                nxt.append((f"{prefix}.{tok.group(1)}", node[tok.group(1)]))
+            elif tok.group(2) is not None and isinstance(node, list) and int(tok.group(2)) < len(node):
+                nxt.append((f"{prefix}[{tok.group(2)}]", node[int(tok.group(2))]))
+            elif tok.group(0) == "[...]" and isinstance(node, dict):
+                nxt.extend((f"{prefix}.{k}", v) for k, v in node.items())
+        if not nxt:
+            return key
+        paths = nxt
+    return "|".join(p for p, _ in paths) if len(paths) <= 3 else key
+
+
 def _convert(path: Path, raw: Any, typ: type[Any]) -> Any:
     try:
         return msgspec.convert(raw, typ)
@@ -180,7 +202,7 @@ def _convert(path: Path, raw: Any, typ: type[Any]) -> Any:
         # msgspec names the key path in its message ("... - at `$.intents[0].foo`").
         text = str(exc)
         key = text.rsplit("at `", 1)[-1].rstrip("`") if "at `" in text else "$"
-        raise CatalogError(path, key, text) from exc
+        raise CatalogError(path, _resolve_key(raw, key), text) from exc
 
 
 def _check_intent(path: Path, idx: int, intent: Intent) -> None:

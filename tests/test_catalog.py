@@ -1,0 +1,100 @@
+"""Catalog schema: strict keys with file/key in errors, and the shipped catalog's coverage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from skill.catalog import CatalogError, load_catalog
+from tests.conftest import MINI_INTENTS, REPO, write_catalog
+
+REQUIRED_INTENTS = {
+    "desktop.switch_scenario", "desktop.open_modal", "desktop.toggle_app_install", "desktop.reload_webspace",
+    "desktop.reset_webspace", "voice.capability.activate", "voice.timer.start", "voice.time.now",
+    "desktop.open_marketplace", "desktop.open_weather", "notebook.create_note",
+    "alarm.set", "alarm.cancel", "voice.timer.cancel", "music.play", "music.stop", "music.volume",
+    "device.turn_on", "device.turn_off", "light.set_brightness", "reminder.create", "news.get", "joke.tell",
+    "calculator.compute", "system.help",
+}
+
+
+def _with(change: dict[str, Any]) -> dict[str, Any]:
+    data: dict[str, Any] = {**MINI_INTENTS, "intents": [dict(i) for i in MINI_INTENTS["intents"]]}
+    data["intents"][0].update(change)
+    return data
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"surprise": 1}, "$.intents[0]"),
+        ({"examples": {"de": ["hallo"]}}, "$.intents[0].examples.de"),
+        ({"examples": {"ru": []}}, "$.intents[0].examples"),
+        ({"intent": "NoDots"}, "$.intents[0].intent"),
+        ({"slots": {"time": {"source": "time", "value": "weird"}}}, "$.intents[0].slots.time.value"),
+        ({"intent": "device.turn_off"}, "$.intents[1].intent"),  # duplicate
+        ({"thresholds": {"accept": 1.5}}, "$.intents[0].thresholds.accept"),
+    ],
+)
+def test_schema_errors_name_file_and_key(tmp_path: Path, change: dict[str, Any], key: str) -> None:
+    root = write_catalog(tmp_path / "c", _with(change))
+    with pytest.raises(CatalogError) as info:
+        load_catalog(root)
+    assert info.value.path.endswith("mini.yaml")
+    assert info.value.key.startswith(key)
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    root = write_catalog(tmp_path / "c")
+    (root / "intents" / "broken.yaml").write_text("intents: [\n")
+    with pytest.raises(CatalogError, match="broken.yaml"):
+        load_catalog(root)
+
+
+def test_entity_duplicate_ref(tmp_path: Path) -> None:
+    root = write_catalog(tmp_path / "c")
+    (root / "entities" / "zz_dup.yaml").write_text(
+        'kinds: {room: [{ref: "room:kitchen", aliases: {en: [cook room]}}]}\n'
+    )
+    with pytest.raises(CatalogError, match=r"zz_dup.yaml: \$\.kinds\.room\[0\]\.ref"):
+        load_catalog(root)
+
+
+def test_adding_an_intent_needs_no_code(tmp_path: Path) -> None:
+    root = write_catalog(tmp_path / "c")
+    (root / "intents" / "extra.yaml").write_text(
+        "owner: {type: skill, id: extra}\n"
+        "intents:\n  - intent: coffee.make\n    description: {en: Make coffee}\n"
+        "    examples: {en: [make me a coffee]}\n"
+    )
+    catalog = load_catalog(root)
+    assert "coffee.make" in catalog.intents
+    assert catalog.owners["coffee.make"].id == "extra"
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Any:
+    return load_catalog(REPO / "catalog")
+
+
+def test_shipped_catalog_covers_required_intents(shipped: Any) -> None:
+    assert REQUIRED_INTENTS <= set(shipped.intents)
+
+
+def test_shipped_catalog_has_enough_examples(shipped: Any) -> None:
+    for name, intent in shipped.intents.items():
+        for locale in ("ru", "en"):
+            texts = intent.examples.get(locale, [])
+            assert len(set(texts)) >= 30, f"{name} has {len(set(texts))} distinct {locale} examples"
+            assert intent.negatives.get(locale), f"{name} has no {locale} negatives"
+            assert intent.description.get(locale), f"{name} has no {locale} description"
+
+
+def test_shipped_examples_do_not_cross_intents(shipped: Any) -> None:
+    seen: dict[str, str] = {}
+    for ex in shipped.examples():
+        key = " ".join(ex.text.lower().replace("ё", "е").split())
+        other = seen.setdefault(key, ex.intent)
+        assert other == ex.intent, f"{ex.text!r} is an example of both {other} and {ex.intent}"

@@ -1,0 +1,133 @@
+"""The torch training loop: length-bucketed batches, CE + supervised contrastive + outlier exposure."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+
+import msgspec
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from skill.features import Featurizer
+
+from ._augment import augment
+from ._model import Net, NetConfig, supcon_loss
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Optimisation settings (stored with the model)."""
+
+    epochs: int = 16
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    branch_weight: float = 0.5  # CE of each branch on its own, next to the combined CE
+    supcon_weight: float = 0.2
+    supcon_tau: float = 0.1
+    oe_weight: float = 0.5  # outlier exposure: push oos rows towards a uniform softmax
+    augment_rate: float = 0.3
+    threads: int = 2
+
+
+def _batches(
+    feat: Featurizer, texts: Sequence[str], batch_size: int, rng: random.Random | None
+) -> list[list[int]]:
+    """Index batches whose utterances have the same word count (so no padding reaches the BiLSTM)."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, text in enumerate(texts):
+        groups[feat.n_tokens(text)].append(i)
+    out: list[list[int]] = []
+    for n in sorted(groups):
+        idx = groups[n]
+        if rng is not None:
+            rng.shuffle(idx)
+        out.extend(idx[j : j + batch_size] for j in range(0, len(idx), batch_size))
+    if rng is not None:
+        rng.shuffle(out)
+    return out
+
+
+def _tensors(feat: Featurizer, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    enc = feat.encode(texts)
+    return torch.from_numpy(enc.chars), torch.from_numpy(enc.words), torch.from_numpy(enc.ngrams)
+
+
+def fit_net(
+    feat: Featurizer,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    n_classes: int,
+    *,
+    seed: int,
+    cfg: TrainConfig,
+    progress: bool,
+) -> Net:
+    """Train a fresh :class:`Net` on canonicalized texts; label -1 marks out-of-scope rows."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(max(1, min(cfg.threads, 2)))
+    rng = random.Random(seed)
+    vocab = feat.vocab
+    net = Net(NetConfig(vocab.n_chars, vocab.n_words, vocab.n_ngrams, n_classes))
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(_batches(feat, texts, cfg.batch_size, None))
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = max(1, total // 20)
+
+    def lr_at(step: int) -> float:
+        # Linear warm-up then linear decay; batch counts vary a little with augmentation, hence the floor.
+        return min((step + 1) / warm, max(0.02, 1.0 - step / total))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    y_all = torch.tensor(list(labels), dtype=torch.long)
+    bar = tqdm(total=cfg.epochs, desc="train", unit="epoch", disable=not progress)
+    for epoch in range(cfg.epochs):
+        net.train()
+        noisy = [augment(t, rng, cfg.augment_rate) for t in texts]
+        loss_sum, n_seen = 0.0, 0
+        for batch in _batches(feat, noisy, cfg.batch_size, rng):
+            chars, words, grams = _tensors(feat, [noisy[i] for i in batch])
+            y = y_all[batch]
+            logits, le, lb, emb = net.forward_train(chars, words, grams)
+            inside = y >= 0
+            loss = emb.sum() * 0.0
+            if bool(inside.any()):
+                yi = y[inside]
+                loss = loss + F.cross_entropy(logits[inside], yi)
+                loss = loss + cfg.branch_weight * (F.cross_entropy(le[inside], yi) + F.cross_entropy(lb[inside], yi))
+            if bool((~inside).any()) and cfg.oe_weight > 0:
+                loss = loss - cfg.oe_weight * F.log_softmax(logits[~inside], dim=1).mean()
+            if len(batch) > 1:
+                loss = loss + cfg.supcon_weight * supcon_loss(emb, y, cfg.supcon_tau)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            loss_sum += float(loss) * len(batch)
+            n_seen += len(batch)
+        bar.set_postfix(loss=f"{loss_sum / max(1, n_seen):.3f}")
+        bar.update(1)
+        _LOGGER.debug("epoch %d loss %.4f", epoch, loss_sum / max(1, n_seen))
+    bar.close()
+    net.eval()
+    return net
+
+
+@torch.no_grad()
+def predict(net: Net, feat: Featurizer, texts: Sequence[str], batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and normalized embeddings (fp32 torch), in input order."""
+    net.eval()
+    probs = np.zeros((len(texts), net.cfg.n_classes), dtype=np.float32)
+    embs = np.zeros((len(texts), net.cfg.proj_dim), dtype=np.float32)
+    for batch in _batches(feat, texts, batch_size, None):
+        p, e = net(*_tensors(feat, [texts[i] for i in batch]))
+        probs[batch] = p.numpy()
+        embs[batch] = e.numpy()
+    return probs, embs

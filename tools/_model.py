@@ -1,0 +1,111 @@
+"""The torch encoder (training only): char-CNN per word + word embedding → BiLSTM, plus an n-gram bag branch."""
+
+from __future__ import annotations
+
+import msgspec
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class NetConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Sizes of the network (stored in ranker_config.json for the record)."""
+
+    n_chars: int
+    n_words: int
+    n_ngrams: int
+    n_classes: int
+    char_dim: int = 48
+    conv_widths: tuple[int, ...] = (3, 5)
+    conv_channels: int = 64
+    word_dim: int = 64
+    hidden: int = 128
+    bag_dim: int = 96
+    proj_dim: int = 128
+    dropout: float = 0.3
+
+
+class Dense(nn.Module):
+    """A linear layer written as MatMul + Add, so dynamic int8 quantization in onnxruntime applies."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        inner = nn.Linear(n_in, n_out)
+        self.weight = nn.Parameter(inner.weight.detach().t().contiguous())
+        self.bias = nn.Parameter(inner.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x, self.weight) + self.bias
+
+
+class Net(nn.Module):
+    """Two branches whose logits add (a product of experts); one L2-normalized projection for kNN."""
+
+    def __init__(self, cfg: NetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.char_emb = nn.Embedding(cfg.n_chars, cfg.char_dim, padding_idx=0)
+        self.convs = nn.ModuleList(
+            nn.Conv1d(cfg.char_dim, cfg.conv_channels, k, padding=k // 2) for k in cfg.conv_widths
+        )
+        self.word_emb = nn.Embedding(cfg.n_words, cfg.word_dim, padding_idx=0)
+        lstm_in = cfg.conv_channels * len(cfg.conv_widths) + cfg.word_dim
+        self.lstm = nn.LSTM(lstm_in, cfg.hidden, batch_first=True, bidirectional=True)
+        self.bag_emb = nn.Embedding(cfg.n_ngrams, cfg.bag_dim, padding_idx=0)
+        enc_dim = 4 * cfg.hidden
+        self.drop = nn.Dropout(cfg.dropout)
+        self.head_enc = Dense(enc_dim, cfg.n_classes)
+        self.head_bag = Dense(cfg.bag_dim, cfg.n_classes)
+        self.proj = Dense(enc_dim + cfg.bag_dim, cfg.proj_dim)
+
+    def branches(
+        self, chars: torch.Tensor, words: torch.Tensor, ngrams: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled encoder features [B, 4H] and the n-gram bag [B, bag_dim]."""
+        b, w, length = chars.shape
+        flat = chars.reshape(b * w, length)
+        x = self.char_emb(flat).transpose(1, 2)  # [BW, E, L]
+        pad = (flat == 0).unsqueeze(1)  # [BW, 1, L]
+        pooled = [torch.relu(conv(x)).masked_fill(pad, 0.0).amax(dim=2) for conv in self.convs]
+        word_in = torch.cat(pooled + [self.word_emb(words).reshape(b * w, -1)], dim=1).reshape(b, w, -1)
+        out, _ = self.lstm(self.drop(word_in))  # [B, W, 2H]; batches share one length
+        enc = torch.cat([out.amax(dim=1), out.mean(dim=1)], dim=1)
+        mask = (ngrams > 0).unsqueeze(2).to(out.dtype)
+        bag = (self.bag_emb(ngrams) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return enc, bag
+
+    def forward_train(
+        self, chars: torch.Tensor, words: torch.Tensor, ngrams: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Combined logits, encoder logits, bag logits, normalized embedding."""
+        enc, bag = self.branches(chars, words, ngrams)
+        enc_d, bag_d = self.drop(enc), self.drop(bag)
+        le, lb = self.head_enc(enc_d), self.head_bag(bag_d)
+        emb = F.normalize(self.proj(torch.cat([enc_d, bag_d], dim=1)), dim=1)
+        return le + lb, le, lb, emb
+
+    def forward(
+        self, chars: torch.Tensor, words: torch.Tensor, ngrams: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Export path: class probabilities and the normalized embedding."""
+        enc, bag = self.branches(chars, words, ngrams)
+        logits = self.head_enc(enc) + self.head_bag(bag)
+        emb = self.proj(torch.cat([enc, bag], dim=1))
+        emb = emb / torch.sqrt((emb * emb).sum(dim=1, keepdim=True) + 1e-12)
+        return torch.softmax(logits, dim=1), emb
+
+
+def supcon_loss(emb: torch.Tensor, labels: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al.) over a batch; rows with label < 0 are only negatives."""
+    sim = emb @ emb.t() / tau
+    n = emb.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=emb.device)
+    sim = sim.masked_fill(eye, -1e9)
+    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    same = (labels.unsqueeze(0) == labels.unsqueeze(1)) & ~eye & (labels.unsqueeze(1) >= 0)
+    counts = same.sum(dim=1)
+    anchors = counts > 0
+    if not bool(anchors.any()):
+        return emb.sum() * 0.0
+    per_anchor = (log_prob * same).sum(dim=1)[anchors] / counts[anchors]
+    return -per_anchor.mean()
