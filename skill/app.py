@@ -14,11 +14,14 @@ from aiohttp import web
 
 from .contracts import BadRequest, ParseRequest, ReindexRequest, pick_locale, wire_result
 from .service import ServiceState
+from .watch import watch_pointer
 
 _LOGGER = logging.getLogger(__name__)
 
 STATE: web.AppKey[ServiceState] = web.AppKey("state", ServiceState)
 EXECUTOR: web.AppKey[ThreadPoolExecutor] = web.AppKey("executor", ThreadPoolExecutor)
+STOP: web.AppKey[asyncio.Event] = web.AppKey("stop", asyncio.Event)
+TASKS: web.AppKey[list[asyncio.Task[None]]] = web.AppKey("tasks", list)
 _encoder = msgspec.json.Encoder()
 
 
@@ -154,10 +157,16 @@ async def _start_loading(app: web.Application) -> None:
         )
 
     if not state.ready:
-        app["_load_task"] = asyncio.create_task(_load())
+        app[TASKS].append(asyncio.create_task(_load()))
+    if state.config.watch_pointer:
+        app[TASKS].append(asyncio.create_task(watch_pointer(state, app[EXECUTOR], app[STOP])))
 
 
 async def _shutdown(app: web.Application) -> None:
+    app[STOP].set()
+    for task in app[TASKS]:
+        task.cancel()
+    await asyncio.gather(*app[TASKS], return_exceptions=True)
     app[EXECUTOR].shutdown(wait=True, cancel_futures=False)
 
 
@@ -168,6 +177,8 @@ def create_app(state: ServiceState) -> web.Application:
     )
     app[STATE] = state
     app[EXECUTOR] = ThreadPoolExecutor(max_workers=state.config.workers, thread_name_prefix="nlu")
+    app[STOP] = asyncio.Event()
+    app[TASKS] = []
     app.router.add_post("/parse", handle_parse)
     app.router.add_get("/health", handle_health)
     app.router.add_post("/reindex", handle_reindex)

@@ -65,3 +65,23 @@ def resolve_model_dir(roots: list[Path], pinned: str | None = None) -> Path | No
         if pointer is not None:
             return root / pointer.model_id
     return None
+
+
+def list_versions(root: Path) -> list[str]:
+    """Model ids (folders with a manifest) under ``root``, oldest first by manifest time."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and (p / "manifest.json").is_file()]
+    return [p.name for p in sorted(found, key=lambda p: ((p / "manifest.json").stat().st_mtime, p.name))]
+
+
+def read_history(root: Path) -> list[dict[str, object]]:
+    """The pointer's audit trail (append-only JSON lines)."""
+    path = root / HISTORY_NAME
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            out.append(json.loads(line))
+    return out

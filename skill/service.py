@@ -71,6 +71,7 @@ class ServiceState:
             "llm": StageStatus(False, "not configured"),
         }
         self.reloads: list[ReloadEvent] = []
+        self.refusals: list[ReloadEvent] = []
         self.started = time.monotonic()
         self.load_error: str | None = None
         self._lock = threading.Lock()
@@ -90,37 +91,50 @@ class ServiceState:
         )
 
     def load(self, trigger: str = "start") -> ReloadEvent:
-        """Build a new pipeline and swap it in; on a model failure keep the old one serving."""
+        """Build a new pipeline and swap it in; on any failure keep the old one serving."""
         with self._lock:
-            return self._load(trigger)
+            try:
+                return self._load(trigger)
+            except Exception as exc:
+                if self.pipeline is None:
+                    raise
+                return self._refuse(trigger, f"{type(exc).__name__}: {exc}")
+
+    def _refuse(self, trigger: str, error: str) -> ReloadEvent:
+        old = self.pipeline
+        event = ReloadEvent(_now(), False, old.model_id if old else None, error, trigger)
+        _LOGGER.error("reload refused (%s); still serving %s", error, event.model_id)
+        self.reloads.append(event)
+        self.refusals.append(event)
+        del self.reloads[:-20], self.refusals[:-20]
+        self.load_error = error
+        return event
 
     def _load(self, trigger: str) -> ReloadEvent:
         cfg = self.config
+        old = self.pipeline
+        model_dir = resolve_model_dir(cfg.model_roots(), cfg.model_id)
+        if (
+            trigger == "pointer"
+            and old is not None
+            and model_dir is not None
+            and old.model_id == model_dir.name
+        ):
+            return ReloadEvent(_now(), True, old.model_id, None, trigger)  # nothing changed for us
         catalog = load_catalog(cfg.catalog_dir)
         canonicalizer = Canonicalizer(catalog)
         regex = RegexStage(catalog)
-        self.stages["canonicalize"] = StageStatus(True, f"{sum(len(v) for v in catalog.entities.values())} entities")
-        self.stages["regex"] = StageStatus(True, f"{len(regex.rules)} rules")
-        old = self.pipeline
         ranker: ModelStage | None = None
         error: str | None = None
-        model_dir = resolve_model_dir(cfg.model_roots(), cfg.model_id)
         if model_dir is None:
-            error = (
-                f"model {cfg.model_id!r} not found" if cfg.model_id else "no active model pointer"
-            )
+            error = f"model {cfg.model_id!r} not found" if cfg.model_id else "no active model pointer"
         else:
             try:
                 ranker = load_ranker(model_dir, cfg.onnx_threads)
             except Exception as exc:  # noqa: BLE001 - any load failure is reported, never fatal
                 error = f"{type(exc).__name__}: {exc}"
         if ranker is None and old is not None and old.ranker is not None:
-            # Refuse the new version; the old one keeps serving.
-            event = ReloadEvent(_now(), False, old.model_id, error, trigger)
-            _LOGGER.error("model load refused (%s); still serving %s", error, old.model_id)
-            self.reloads.append(event)
-            self.load_error = error
-            return event
+            return self._refuse(trigger, error or "model not loaded")
         llm = old.llm if old is not None else None
         if llm is None and cfg.llm_model:
             try:
@@ -129,7 +143,7 @@ class ServiceState:
             except Exception as exc:  # noqa: BLE001 - the LLM stage is optional
                 self.stages["llm"] = StageStatus(False, f"disabled: {type(exc).__name__}: {exc}")
                 _LOGGER.warning("LLM fallback disabled: %s", exc)
-        self.pipeline = Pipeline(
+        pipeline = Pipeline(
             catalog,
             canonicalizer,
             regex=regex,
@@ -137,9 +151,14 @@ class ServiceState:
             llm=llm,
             gate_config=self._gate_config(ranker),
         )
+        self.pipeline = pipeline  # the swap: one reference assignment
+        self.stages["canonicalize"] = StageStatus(True, f"{sum(len(v) for v in catalog.entities.values())} entities")
+        self.stages["regex"] = StageStatus(True, f"{len(regex.rules)} rules")
         self.stages["neural"] = StageStatus(ranker is not None, ranker.model_id if ranker else (error or ""))
         self.load_error = error
-        event = ReloadEvent(_now(), ranker is not None, self.pipeline.model_id, error, trigger)
+        event = ReloadEvent(_now(), ranker is not None, pipeline.model_id, error, trigger)
+        if old is not None:
+            _LOGGER.info("swapped model %s -> %s (%s)", old.model_id, pipeline.model_id, trigger)
         self.reloads.append(event)
         del self.reloads[:-20]
         return event
@@ -170,6 +189,9 @@ class ServiceState:
                 "digest": pipe.catalog.digest[:12] if pipe is not None else None,
             },
             "last_reload": msgspec.to_builtins(self.reloads[-1]) if self.reloads else None,
+            "last_refusal": msgspec.to_builtins(self.refusals[-1]) if self.refusals else None,
+            "reloads_total": len([e for e in self.reloads if e.ok]),
+            "refusals_total": len(self.refusals),
             "load_error": self.load_error,
             "uptime_s": round(time.monotonic() - self.started, 1),
         }

@@ -100,7 +100,9 @@ def fit_net(
             if bool(inside.any()):
                 yi = y[inside]
                 loss = loss + F.cross_entropy(logits[inside], yi)
-                loss = loss + cfg.branch_weight * (F.cross_entropy(le[inside], yi) + F.cross_entropy(lb[inside], yi))
+                loss = loss + cfg.branch_weight * (
+                    F.cross_entropy(le[inside], yi) + F.cross_entropy(lb[inside], yi)
+                )
             if bool((~inside).any()) and cfg.oe_weight > 0:
                 loss = loss - cfg.oe_weight * F.log_softmax(logits[~inside], dim=1).mean()
             if len(batch) > 1:
@@ -121,7 +123,9 @@ def fit_net(
 
 
 @torch.no_grad()
-def predict(net: Net, feat: Featurizer, texts: Sequence[str], batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    net: Net, feat: Featurizer, texts: Sequence[str], batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities and normalized embeddings (fp32 torch), in input order."""
     net.eval()
     probs = np.zeros((len(texts), net.cfg.n_classes), dtype=np.float32)

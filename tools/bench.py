@@ -12,6 +12,7 @@ import argparse
 import datetime as _dt
 import hashlib
 import logging
+import math
 import os
 import random
 import resource
@@ -41,6 +42,12 @@ WARMUP_ROWS = 32
 CURVE_POINTS = 200
 PREDICTIONS_NAME = "predictions.json"
 EVAL_ROWS_NAME = "eval_rows.jsonl"
+# The figures at the top level of report.json, in the order of the issue.
+HEADLINE = (
+    "inscope_accuracy macro_f1 accept_rate abstain_rate reject_rate accepted_precision"
+    " coverage_at_99_precision coverage_at_val_threshold precision_at_val_threshold"
+    " oos_recall oos_precision oos_auroc ece neural_p50_ms neural_p99_ms pipeline_p50_ms pipeline_p99_ms"
+).split()
 
 
 class BenchError(RuntimeError):
@@ -102,7 +109,7 @@ def _by_intent(rows: Sequence[R]) -> dict[str, list[int]]:
 
 
 def carve_val(rows: Sequence[R], seed: int, share: float = VAL_SHARE) -> tuple[list[R], list[R]]:
-    """A deterministic stratified split: ~``share`` of each intent (>= 1 when it has >= 2 rows) goes to val."""
+    """Deterministic stratified split: ~``share`` of each intent (>= 1 if it has >= 2 rows) goes to val."""
     picked: set[int] = set()
     for intent, idxs in sorted(_by_intent(rows).items()):
         k = round(len(idxs) * share)
@@ -197,21 +204,19 @@ def run_child(model_dir: Path, rows_path: Path, out: Path, catalog_root: Path, t
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
+    flags = {
+        "--model": model_dir,
+        "--data": rows_path,
+        "--out": out,
+        "--threads": threads,
+        "--catalog": catalog_root,
+    }
     cmd = [
         sys.executable,
         "-m",
         "tools.bench",
         "--evaluate-only",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(rows_path),
-        "--out",
-        str(out),
-        "--threads",
-        str(threads),
-        "--catalog",
-        str(catalog_root),
+        *(str(x) for kv in flags.items() for x in kv),
     ]
     _LOGGER.info("evaluating in a child process: %s", shlex.join(cmd))
     done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, check=False)
@@ -246,26 +251,7 @@ def build_report(
 ) -> dict[str, Any]:
     """``report.json``: the headline keys at the top level, details and provenance beneath."""
     s = msgspec.to_builtins(scores)
-    headline = [
-        "inscope_accuracy",
-        "macro_f1",
-        "accept_rate",
-        "abstain_rate",
-        "reject_rate",
-        "accepted_precision",
-        "coverage_at_99_precision",
-        "coverage_at_val_threshold",
-        "precision_at_val_threshold",
-        "oos_recall",
-        "oos_precision",
-        "oos_auroc",
-        "ece",
-        "neural_p50_ms",
-        "neural_p99_ms",
-        "pipeline_p50_ms",
-        "pipeline_p99_ms",
-    ]
-    report: dict[str, Any] = {k: s[k] for k in headline}
+    report: dict[str, Any] = {k: s[k] for k in HEADLINE}
     report.update(
         model_bytes=_dir_bytes(model_dir),
         peak_rss_mb=round(ev.peak_rss_mb, 1),
@@ -294,136 +280,26 @@ def build_report(
     return report
 
 
-_DEFINITIONS = """\
-- **In-scope accuracy / macro-F1**: top-1 intent over in-scope test rows, whatever the gate decided;
-  macro-F1 averages per-intent F1 over the gold in-scope intents.
-- **Accept / abstain / reject rate**: the gated outcome over all test rows (in-scope and oos) with the
-  model's own thresholds; **accepted precision**: share of accepted rows whose intent is right (oos = wrong).
-- **Coverage at 99% precision (oracle)**: accept rows whose confidence is >= t; coverage = accepted in-scope
-  rows / in-scope rows; the largest coverage whose accepted precision (oos counted as errors) is >= 99%,
-  with t picked on test. **Val threshold**: the lowest t reaching 99% precision on val predictions (made
-  by the same pipeline), applied to test: the coverage and the precision it actually reaches.
-- **OOS recall**: share of oos rows not accepted; **OOS precision**: share of not-accepted rows that are
-  oos; **AUROC**: in-scope vs oos separation by top-1 confidence (ties count half). Null without oos rows.
-- **ECE**: expected calibration error of top-1 correctness over all test rows, 15 equal-width bins
-  (oos rows are never correct).
-- **Latency**: one thread, after a warm-up; neural = the `neural` stage trace of `ParseResult.stages`,
-  pipeline = the whole `Pipeline.parse` call (canonicalize + ranker + gate). **Peak RSS**: high-water mark
-  of the evaluation process, which never imports torch (VmHWM; `ru_maxrss` of a child inherits the
-  parent's peak on Linux). **Model bytes**: the model folder on disk.
-"""
+def _render(scores: metrics.Scores, report: dict[str, Any], out: Path, title: str) -> None:
+    """The PNG plots and report.md (matplotlib is imported here only, never in the evaluation child)."""
+    from . import plots
 
+    def point(t: float | None, cov: float | None, prec: float | None) -> metrics.CurvePoint | None:
+        return metrics.CurvePoint(t, 0, cov, prec) if t is not None and cov is not None else None
 
-def _fmt(value: Any, kind: str = "") -> str:
-    if value is None:
-        return "n/a"
-    if kind == "%":
-        return f"{100.0 * value:.2f}%"
-    if kind == "ms":
-        return f"{value:.2f} ms"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
-
-
-def render_markdown(r: dict[str, Any]) -> str:
-    """``report.md``: the figures as a table, the definitions, the worst intents and the command."""
-    m, e = r["meta"], r["evaluation"]
-    rows = [
-        ("In-scope accuracy", _fmt(r["inscope_accuracy"], "%")),
-        ("Macro-F1 (in-scope)", _fmt(r["macro_f1"], "%")),
-        ("Accept rate", _fmt(r["accept_rate"], "%")),
-        ("Abstain rate", _fmt(r["abstain_rate"], "%")),
-        ("Reject rate", _fmt(r["reject_rate"], "%")),
-        ("Accepted precision", _fmt(r["accepted_precision"], "%")),
-        (
-            "Coverage at 99% precision (oracle)",
-            f"{_fmt(r['coverage_at_99_precision'], '%')} (t = {_fmt(r['oracle_threshold'])})",
-        ),
-        (
-            "Coverage at val threshold",
-            f"{_fmt(r['coverage_at_val_threshold'], '%')} (t = {_fmt(r['val_threshold'])})",
-        ),
-        ("Precision at val threshold", _fmt(r["precision_at_val_threshold"], "%")),
-        ("OOS recall", _fmt(r["oos_recall"], "%")),
-        ("OOS precision", _fmt(r["oos_precision"], "%")),
-        ("OOS AUROC", _fmt(r["oos_auroc"])),
-        ("ECE (15 bins)", _fmt(r["ece"])),
-        ("Neural stage p50 / p99", f"{_fmt(r['neural_p50_ms'], 'ms')} / {_fmt(r['neural_p99_ms'], 'ms')}"),
-        ("Pipeline p50 / p99", f"{_fmt(r['pipeline_p50_ms'], 'ms')} / {_fmt(r['pipeline_p99_ms'], 'ms')}"),
-        ("Model size on disk", f"{r['model_bytes'] / 1e6:.2f} MB ({r['model_bytes']} bytes)"),
-        ("Peak RSS (evaluation process)", f"{r['peak_rss_mb']} MiB (torch loaded: {e['torch_loaded']})"),
-        ("Training time", "n/a" if r["train_seconds"] is None else f"{r['train_seconds']} s"),
-    ]
-    c = r["counts"]
-    lines = [
-        f"# Benchmark: `{Path(m['data']).name}`",
-        "",
-        f"Model `{r['model_id']}`; test rows: {c['test']} ({c['inscope']} in-scope, {c['oos']} oos); "
-        f"train rows: {m['train_rows']} (oos rows used in training: {m['use_oos_train']}); "
-        f"val rows: {m['val_rows']} ({m['val_source']}); seed {m['seed']}; threads {e['threads']}; gate {e['gate']}.",
-        "",
-        "| figure | value |",
-        "|---|---|",
-        *(f"| {k} | {v} |" for k, v in rows),
-        "",
-        "![reliability](reliability.png) ![risk-coverage](risk_coverage.png)",
-        "",
-        "## Definitions",
-        "",
-        _DEFINITIONS,
-    ]
-    if e["catalog_policies_on_bench_intents"]:
-        lines += [
-            f"Catalog per-intent thresholds also applied to: {', '.join(e['catalog_policies_on_bench_intents'])}.",
-            "",
-        ]
-    worst = sorted(r["per_intent"].items(), key=lambda kv: kv[1]["f1"])[:10]
-    lines += [
-        "## Weakest intents (top-1 F1)",
-        "",
-        "| intent | support | precision | recall | F1 |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {k} | {v['support']} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} |"
-        for k, v in worst
-    ]
-    lines += ["", "## Top confusions (in-scope, top-1)", "", "| gold | predicted | count |", "|---|---|---|"]
-    lines += [f"| {x['gold']} | {x['predicted']} | {x['count']} |" for x in r["confusions"][:10]]
-    lines += ["", "## Reproduce", "", "```bash", m["command"], "```", ""]
-    return "\n".join(lines)
-
-
-def _make_plots(
-    scores: metrics.Scores, test: Sequence[metrics.Prediction], out: Path, title: str
-) -> list[str]:
-    from . import plots  # noqa: PLC0415 - matplotlib only where figures are drawn
-
-    val_point = None
-    if scores.val_threshold is not None:
-        val_point = metrics.at_threshold(
-            [p.score for p in test],
-            [p.correct for p in test],
-            [p.in_scope for p in test],
-            scores.val_threshold,
-        )
-    gate_point = None
-    if scores.accepted_precision is not None and scores.n_inscope:
-        covered = sum(p.accepted and p.in_scope for p in test) / scores.n_inscope
-        gate_point = (covered, 1.0 - scores.accepted_precision)
-    oracle = metrics.oracle_point(scores.risk_coverage)
     plots.reliability_diagram(scores.reliability, scores.ece, out / "reliability.png", title)
     plots.risk_coverage_curve(
         scores.risk_coverage,
         out / "risk_coverage.png",
         target=metrics.TARGET_PRECISION,
-        oracle=oracle,
-        val_point=val_point,
-        gate_point=gate_point,
+        oracle=point(scores.oracle_threshold, scores.coverage_at_99_precision, scores.precision_at_oracle),
+        val_point=point(
+            scores.val_threshold, scores.coverage_at_val_threshold, scores.precision_at_val_threshold
+        ),
+        gate_point=point(math.nan, scores.gate_coverage, scores.accepted_precision),
         title=title,
     )
-    return ["reliability.png", "risk_coverage.png"]
+    (out / "report.md").write_text(plots.render_markdown(report), encoding="utf-8")
 
 
 def _train(args: argparse.Namespace, out: Path) -> tuple[Path, float | None, dict[str, Any], list[BenchRow]]:
@@ -483,9 +359,7 @@ def bench(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     model_dir, seconds, facts, eval_rows = _train(args, out)
     rows_path = out / EVAL_ROWS_NAME
-    rows_path.write_bytes(
-        b"".join(msgspec.json.encode(msgspec.structs.replace(r, lang="")) + b"\n" for r in eval_rows)
-    )
+    rows_path.write_bytes(b"".join(msgspec.json.encode(r) + b"\n" for r in eval_rows))
     ev = run_child(model_dir, rows_path, out, Path(args.catalog).resolve(), args.threads)
     scores = metrics.score(ev.test, ev.val)
     meta = {
@@ -501,9 +375,9 @@ def bench(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         **facts,
     }
     report = build_report(scores, ev, model_dir=model_dir, train_seconds=seconds, meta=meta)
-    report["plots"] = _make_plots(scores, ev.test, out, Path(args.data).stem)
+    report["plots"] = ["reliability.png", "risk_coverage.png"]
     (out / "report.json").write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2))
-    (out / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    _render(scores, report, out, Path(args.data).stem)
     _LOGGER.info("wrote %s/report.json, report.md and %d plots", out, len(report["plots"]))
     return report
 
@@ -542,20 +416,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             ev = evaluate(Path(args.model), read_rows(Path(args.data)), Path(args.catalog), args.threads)
             (out / PREDICTIONS_NAME).write_bytes(msgspec.json.encode(ev))
             _LOGGER.info(
-                "evaluated %d val + %d test rows; peak RSS %.1f MiB",
+                "evaluated %d val + %d test rows, peak RSS %.1f MiB",
                 len(ev.val),
                 len(ev.test),
                 ev.peak_rss_mb,
             )
         else:
             report = bench(args, argv)
-            _LOGGER.info(
-                "accuracy %s, macro-F1 %s, coverage@99 %s, model %s",
-                report["inscope_accuracy"],
-                report["macro_f1"],
-                report["coverage_at_99_precision"],
-                report["model_id"],
-            )
+            _LOGGER.info("model %s: %s", report["model_id"], {k: report[k] for k in HEADLINE[:7]})
     except BenchError as exc:
         _LOGGER.error("%s", exc)
         return 2

@@ -247,6 +247,7 @@ class Scores(msgspec.Struct, frozen=True):
     abstain_rate: float
     reject_rate: float
     accepted_precision: float | None
+    gate_coverage: float | None
     coverage_at_99_precision: float | None
     oracle_threshold: float | None
     precision_at_oracle: float | None
@@ -303,6 +304,7 @@ def score(test: Sequence[Prediction], val: Sequence[Prediction], target: float =
         abstain_rate=rates["abstain"],
         reject_rate=rates["reject"],
         accepted_precision=_ratio(sum(p.correct for p in accepted), len(accepted)),
+        gate_coverage=_ratio(sum(p.in_scope for p in accepted), len(inscope)),
         coverage_at_99_precision=oracle.coverage if oracle else 0.0,
         oracle_threshold=oracle.threshold if oracle else None,
         precision_at_oracle=oracle.precision if oracle else None,

@@ -1,0 +1,136 @@
+"""Evaluate a model version through the real pipeline: golden cases and the catalog's held-out split.
+
+    python -m tools.eval [--model-dir DIR] [--catalog catalog] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from skill.canonicalize import Canonicalizer
+from skill.catalog import Catalog, load_catalog
+from skill.gate import GateConfig
+from skill.pipeline import Pipeline
+from skill.ranker import Ranker
+from skill.regex_stage import RegexStage
+from tools import metrics
+
+
+class GoldenFailure(msgspec.Struct, frozen=True):
+    """A golden case the pipeline got wrong."""
+
+    text: str
+    expected_intent: str
+    expected_slots: dict[str, str]
+    got_intent: str | None
+    got_slots: dict[str, Any]
+    decision: str
+
+
+class EvalReport(msgspec.Struct, frozen=True):
+    """Quality of one model version on the catalog's evaluation data."""
+
+    model_id: str
+    n: int
+    accuracy: float
+    ece: float
+    per_intent: dict[str, float]  # recall of each intent on the held-out split
+    golden_total: int
+    golden_failures: list[GoldenFailure]
+
+
+def build_pipeline(catalog: Catalog, model_dir: Path, threads: int = 1) -> Pipeline:
+    """The same pipeline ``/parse`` serves, for one model version."""
+    ranker = Ranker.load(model_dir, threads=threads)
+    return Pipeline(
+        catalog, Canonicalizer(catalog), regex=RegexStage(catalog), ranker=ranker,
+        gate_config=GateConfig(**ranker.thresholds),
+    )
+
+
+def golden_failures(pipeline: Pipeline, catalog: Catalog) -> tuple[int, list[GoldenFailure]]:
+    """Every golden case must be accepted with its intent and at least its expected slots."""
+    total, failures = 0, []
+    for name, intent in catalog.intents.items():
+        for case in intent.golden:
+            total += 1
+            res = pipeline.parse(case.text, case.locale)
+            d = res.decision
+            slots_ok = all(d.slots.get(k) == v for k, v in case.slots.items())
+            if d.intent != name or d.outcome.value != "accept" or not slots_ok:
+                failures.append(
+                    GoldenFailure(case.text, name, dict(case.slots), d.intent, dict(d.slots), d.outcome.value)
+                )
+    return total, failures
+
+
+def evaluate(pipeline: Pipeline, catalog: Catalog, rows: Sequence[Any]) -> EvalReport:
+    """Accuracy, calibration error and per-intent recall on ``rows`` (``text, intent, locale``)."""
+    golds, preds, confs, correct = [], [], [], []
+    for row in rows:
+        d = pipeline.parse(row.text, row.locale or None).decision
+        golds.append(row.intent)
+        preds.append(d.intent)
+        confs.append(d.confidence if d.intent else 0.0)
+        correct.append(row.intent != metrics.OOS and d.intent == row.intent)
+    inscope = [i for i, g in enumerate(golds) if g != metrics.OOS]
+    acc = metrics.accuracy([golds[i] for i in inscope], [preds[i] for i in inscope]) or 0.0
+    ece = metrics.expected_calibration_error(metrics.reliability(confs, correct)) or 0.0
+    per = metrics.per_intent([golds[i] for i in inscope], [preds[i] for i in inscope])
+    total, failures = golden_failures(pipeline, catalog)
+    return EvalReport(
+        model_id=pipeline.model_id or "",
+        n=len(rows),
+        accuracy=acc,
+        ece=ece,
+        per_intent={k: v.recall for k, v in sorted(per.items())},
+        golden_total=total,
+        golden_failures=failures,
+    )
+
+
+def evaluate_model(model_dir: Path, catalog: Catalog) -> EvalReport:
+    """Evaluate one version on the catalog's golden cases and held-out split."""
+    from tools.train import rows_from_catalog  # noqa: PLC0415 - keeps torch out of the import path
+
+    _, val = rows_from_catalog(catalog)
+    return evaluate(build_pipeline(catalog, model_dir), catalog, val)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    from skill.config import load_config  # noqa: PLC0415
+    from skill.registry import resolve_model_dir  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="python -m tools.eval", description=__doc__)
+    parser.add_argument("--model-dir", help="model folder (default: the active model)")
+    parser.add_argument("--catalog", default=None, help="catalog directory")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    cfg = load_config()
+    catalog = load_catalog(args.catalog or cfg.catalog_dir)
+    model_dir = Path(args.model_dir) if args.model_dir else resolve_model_dir(cfg.model_roots(), cfg.model_id)
+    if model_dir is None:
+        print("no model: pass --model-dir or activate one", file=sys.stderr)
+        return 2
+    report = evaluate_model(model_dir, catalog)
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(report), indent=2, ensure_ascii=False))
+    else:
+        print(f"{report.model_id}: accuracy {report.accuracy:.4f} on {report.n} rows, ECE {report.ece:.4f}, "
+              f"golden {report.golden_total - len(report.golden_failures)}/{report.golden_total}")
+        for f in report.golden_failures:
+            print(f"  golden FAIL: {f.text!r} expected {f.expected_intent} {f.expected_slots}, "
+                  f"got {f.got_intent} {f.got_slots} ({f.decision})")
+    return 0 if not report.golden_failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
