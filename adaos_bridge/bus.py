@@ -30,7 +30,8 @@ class Bus(Protocol):
 
     ``shared=True`` marks a subscription whose events one instance of a group should take (a NATS
     queue group); ``shared=False`` means every instance gets every event (feedback, for example).
-    Adapters without groups ignore it.
+    Adapters without groups ignore it. An adapter whose instances share a group may also offer
+    ``async claim(request_id) -> bool`` so the group drops duplicates together (see ``NatsBus``).
     """
 
     async def start(self) -> None:

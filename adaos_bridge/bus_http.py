@@ -63,9 +63,12 @@ class HttpIngressBus:
         _LOGGER.info("HTTP ingress on http://%s:%s%s", self.listen_host, self.port, INGRESS_PATH)
 
     async def _health(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "pending": len(self._tasks)})
+        ready = bool(self._subs)
+        return web.json_response({"ok": ready, "in_flight": len(self._tasks)}, status=200 if ready else 503)
 
     async def _ingress(self, request: web.Request) -> web.Response:
+        if not self._subs:  # started but the bridge has not subscribed yet
+            return web.json_response({"ok": False, "error": "not_ready"}, status=503)
         if self.token and request.headers.get("X-AdaOS-Token") != self.token:
             return web.json_response({"ok": False, "error": "unauthorized"}, status=401)
         try:
@@ -74,7 +77,8 @@ class HttpIngressBus:
             return web.json_response({"ok": False, "error": "invalid_json"}, status=400)
         if not isinstance(body, dict) or not isinstance(body.get("type"), str) or not body["type"]:
             return web.json_response({"ok": False, "error": "type_required", "field": "type"}, status=400)
-        payload = body.get("payload") if isinstance(body.get("payload"), dict) else {}
+        raw_payload = body.get("payload")
+        payload: dict[str, Any] = raw_payload if isinstance(raw_payload, dict) else {}
         if body.get("webspace_id") and "webspace_id" not in payload:
             payload = {**payload, "webspace_id": body["webspace_id"]}
         event = BusEvent(body["type"], payload, str(body.get("source") or "http"), time.time())
@@ -104,7 +108,9 @@ class HttpIngressBus:
         headers = {"X-AdaOS-Token": self.token} if self.token else {}
         for attempt in range(1, self.publish_attempts + 1):
             try:
-                async with self._session.post(f"{self.hub_url}{INGRESS_PATH}", json=body, headers=headers) as resp:
+                async with self._session.post(
+                    f"{self.hub_url}{INGRESS_PATH}", json=body, headers=headers
+                ) as resp:
                     if resp.status < 500:
                         if resp.status >= 400:
                             _LOGGER.error("hub refused %s: HTTP %s", type_, resp.status)

@@ -40,6 +40,8 @@ class BridgeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     teacher_token: str | None = None
     teacher_stream: str | None = None  # JetStream stream (with nats_url) instead of HTTP
     teacher_subject: str = "nlu.teacher.miss"
+    examples_stream: str | None = None  # JetStream stream holding nlp.teacher.example.save (with nats_url)
+    instance_id: str = ""  # names this bridge's durable consumer; "" → host name + state dir
     delivery_batch: int = 32
     delivery_backoff_s: float = 0.5
     delivery_backoff_max_s: float = 60.0
@@ -64,8 +66,10 @@ class BridgeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def resolved_overlay(self) -> Path:
         """Where teacher-accepted examples are written."""
-        return Path(self.overlay_path) if self.overlay_path else (
-            self.state_path() / "teacher_catalog" / "intents" / "teacher.yaml"
+        return (
+            Path(self.overlay_path)
+            if self.overlay_path
+            else (self.state_path() / "teacher_catalog" / "intents" / "teacher.yaml")
         )
 
     def resolved_marker(self) -> Path:
@@ -93,6 +97,7 @@ _ENV: dict[str, str] = {
     "NLU_BRIDGE_TEACHER_URL": "teacher_url",
     "NLU_BRIDGE_TEACHER_TOKEN": "teacher_token",
     "NLU_BRIDGE_TEACHER_STREAM": "teacher_stream",
+    "NLU_BRIDGE_EXAMPLES_STREAM": "examples_stream",
     "NLU_BRIDGE_NATS_URL": "nats_url",
     "NLU_BRIDGE_HUB_URL": "hub_url",
     "ADAOS_TOKEN": "hub_token",

@@ -26,6 +26,7 @@ class IntentRequest(msgspec.Struct, frozen=True):
     canonicalized_text: str | None = None
     request_id_synthesized: bool = False
     event_type: str = ""
+    payload: dict[str, Any] = msgspec.field(default_factory=dict)  # as received, for the stage events
 
 
 def _str(value: Any) -> str | None:
@@ -42,7 +43,9 @@ def _first(*values: Any) -> str | None:
 
 def _preferred(raw: Any) -> tuple[str, ...]:
     """A list or a comma string; blanks and repeats dropped, order kept."""
-    items: list[Any] = raw.split(",") if isinstance(raw, str) else list(raw) if isinstance(raw, list | tuple) else []
+    items: list[Any] = (
+        raw.split(",") if isinstance(raw, str) else list(raw) if isinstance(raw, list | tuple) else []
+    )
     out: list[str] = []
     for item in items:
         token = _str(item)
@@ -65,9 +68,14 @@ def parse_request(payload: Mapping[str, Any], event_type: str = "") -> IntentReq
     if text is None:
         return None
     webspace = _first(
-        payload.get("webspace_id"), payload.get("workspace_id"), meta.get("webspace_id"), meta.get("workspace_id")
+        payload.get("webspace_id"),
+        payload.get("workspace_id"),
+        meta.get("webspace_id"),
+        meta.get("workspace_id"),
     )
-    locale = _first(payload.get("locale"), payload.get("request_locale"), meta.get("locale"), meta.get("request_locale"))
+    locale = _first(
+        payload.get("locale"), payload.get("request_locale"), meta.get("locale"), meta.get("request_locale")
+    )
     prefs = _preferred(payload.get("preferred_locales") or meta.get("preferred_locales"))
     rid = _str(payload.get("request_id")) or _str(meta.get("request_id"))
     entities = payload.get("entities") if isinstance(payload.get("entities"), Mapping) else None
@@ -85,6 +93,7 @@ def parse_request(payload: Mapping[str, Any], event_type: str = "") -> IntentReq
         canonicalized_text=canon,
         request_id_synthesized=rid is None,
         event_type=event_type,
+        payload=dict(payload),
     )
 
 
@@ -108,7 +117,9 @@ def parse_body(req: IntentRequest) -> dict[str, Any]:
 class Deduper:
     """Remembers request ids for ``window_s``; ``seen`` is True for a repeat inside the window."""
 
-    def __init__(self, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic, limit: int = 100_000):
+    def __init__(
+        self, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic, limit: int = 100_000
+    ):
         self.window_s = window_s
         self.clock = clock
         self.limit = limit

@@ -1,9 +1,10 @@
-"""aiohttp application factory: /parse, /health, /reindex and the error middleware."""
+"""aiohttp application factory: /parse, /health, /reindex, /metrics, status page, error middleware."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -12,8 +13,11 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from .audit import DecisionLog
 from .contracts import BadRequest, ParseRequest, ReindexRequest, pick_locale, wire_result
 from .service import ServiceState
+from .telemetry import Telemetry
+from .ui import StatusPage
 from .watch import watch_pointer
 
 _LOGGER = logging.getLogger(__name__)
@@ -22,6 +26,8 @@ STATE: web.AppKey[ServiceState] = web.AppKey("state", ServiceState)
 EXECUTOR: web.AppKey[ThreadPoolExecutor] = web.AppKey("executor", ThreadPoolExecutor)
 STOP: web.AppKey[asyncio.Event] = web.AppKey("stop", asyncio.Event)
 TASKS: web.AppKey[list[asyncio.Task[None]]] = web.AppKey("tasks", list)
+TELEMETRY: web.AppKey[Telemetry] = web.AppKey("telemetry", Telemetry)
+DECISIONS: web.AppKey[DecisionLog] = web.AppKey("decisions", DecisionLog)
 _encoder = msgspec.json.Encoder()
 
 
@@ -81,6 +87,7 @@ async def _read_json(request: web.Request, typ: type[Any], *, allow_empty: bool 
 
 async def handle_parse(request: web.Request) -> web.Response:
     """``POST /parse``: the contract's result at the top level and under ``result``."""
+    started = time.perf_counter()
     state = request.app[STATE]
     req: ParseRequest = await _read_json(request, ParseRequest)
     text = req.text
@@ -98,6 +105,9 @@ async def handle_parse(request: web.Request) -> web.Response:
     result = await loop.run_in_executor(request.app[EXECUTOR], pipeline.parse, text, locale, req.entities)
     request_id = req.request_id or uuid.uuid4().hex
     wire = msgspec.to_builtins(wire_result(result, pipeline.gate_config.accept, request_id))
+    elapsed = time.perf_counter() - started
+    request.app[TELEMETRY].observe(pipeline, result, elapsed)
+    request.app[DECISIONS].add(result, wire, request_id, elapsed)  # queued; written off the event loop
     _LOGGER.debug(
         "parse %s model=%s via=%s intent=%s conf=%.3f decision=%s",
         request_id, result.model_id, wire["via"], wire["top_intent"], wire["confidence"], wire["decision"],
@@ -179,9 +189,14 @@ def create_app(state: ServiceState) -> web.Application:
     app[EXECUTOR] = ThreadPoolExecutor(max_workers=state.config.workers, thread_name_prefix="nlu")
     app[STOP] = asyncio.Event()
     app[TASKS] = []
+    app[DECISIONS] = DecisionLog(state.config)
+    app[TELEMETRY] = Telemetry(state, app[DECISIONS])
     app.router.add_post("/parse", handle_parse)
     app.router.add_get("/health", handle_health)
     app.router.add_post("/reindex", handle_reindex)
+    app.router.add_get("/metrics", app[TELEMETRY].handle_metrics)
+    StatusPage(state, app[TELEMETRY], app[DECISIONS]).register(app.router)
+    app.cleanup_ctx.append(app[DECISIONS].lifespan)
     app.on_startup.append(_start_loading)
     app.on_cleanup.append(_shutdown)
     return app

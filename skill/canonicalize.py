@@ -1,12 +1,31 @@
 """Entity canonicalization: registry names and values become placeholders, refs become slots."""
 
+# Order: hub entities are masked first; then time / date / duration / registry / city candidates compete
+# (longest span wins; on equal length time > date > duration > registry); bare numbers fill what is left.
+
 from __future__ import annotations
 
-from typing import Any
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import msgspec
 
-from .catalog import Catalog
+from .catalog import LOCALES, Catalog, CatalogError
+from .entities import EntityIndex, Hit, Lemmatizer, Target
+from .values import Lemmas, MaskingRules, ValueParser, ValueSpan, tokenize
+
+_LOGGER = logging.getLogger(__name__)
+
+_CYRILLIC = re.compile("[\u0400-\u04ff]")
+_LATIN = re.compile("[A-Za-z]")
+
+REGISTRY_PLACEHOLDERS = ("device", "room", "scenario", "app", "modal", "webspace", "skill")
+VALUE_PLACEHOLDERS = ("time", "date", "duration", "number", "city")
+_PRIORITY = {"time": 0, "date": 1, "duration": 2}  # anything else (registry, city): 3
 
 
 class EntityMatch(msgspec.Struct, frozen=True):
@@ -45,24 +64,291 @@ class Canonical(msgspec.Struct, frozen=True):
 
 def detect_locale(text: str) -> str:
     """Cyrillic letters win → "ru"; otherwise "en"."""
-    cyr = sum(1 for ch in text if "\u0400" <= ch <= "\u04ff")
-    lat = sum(1 for ch in text if ch.isascii() and ch.isalpha())
+    cyr = len(_CYRILLIC.findall(text))
+    lat = len(_LATIN.findall(text))
     return "ru" if cyr > 0 and cyr >= lat / 2 else "en"
 
 
+def placeholder_for(kind: str) -> str:
+    """Registry kind → placeholder: ``device.*`` → ``device``, others by their first segment."""
+    return kind.split(".", 1)[0]
+
+
+def load_rules(catalog: Catalog) -> MaskingRules:
+    """``catalog.masking`` checked against the schema; unknown keys raise :class:`CatalogError`."""
+    try:
+        return msgspec.convert(catalog.masking or {}, MaskingRules)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        key = text.rsplit("at `", 1)[-1].rstrip("`") if "at `" in text else "$"
+        raise CatalogError(Path(catalog.root) / "masking.yaml", key, text) from exc
+
+
+class _Span(NamedTuple):
+    start: int  # token indices
+    end: int
+    priority: int
+    placeholder: str
+    kind: str
+    value: str
+    ref: str | None
+    source: str
+    match_type: str
+    confidence: float
+    candidates: tuple[str, ...] = ()
+
+
 class Canonicalizer:
-    """Built once from the catalog; ``canonicalize`` is pure and thread-safe. (Placeholder: to be replaced.)"""
+    """Built once from the catalog; ``canonicalize`` is pure and thread-safe."""
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
+        self._rules = load_rules(catalog)
+        cfg = self._rules.matching
+        self._lemmatizer = Lemmatizer(cfg.lemma_min_score)
+        self._values = ValueParser(self._rules, self._lemmatizer.lemmas)
+        entries: list[tuple[Target, Sequence[str]]] = []
+        for kind, items in catalog.entities.items():
+            for entity in items:
+                target = Target(placeholder_for(kind), kind, entity.ref, entity.ref, "registry")
+                entries.extend((target, tokenize(a)) for names in entity.aliases.values() for a in names)
+        for city in self._rules.cities:
+            target = Target("city", "city", city.name, None, "value")
+            entries.extend((target, tokenize(a)) for names in city.aliases.values() for a in names)
+        self._index = EntityIndex(entries, self._lemmatizer, cfg)
+        self._kind_nouns = {
+            " ".join(tokenize(word)): placeholder
+            for placeholder, words in self._rules.kind_nouns.items()
+            for word in words
+        }
+        self._weak = frozenset(" ".join(tokenize(w)) for w in cfg.weak_aliases)
 
     def rules(self) -> dict[str, Any]:
         """The masking rules as plain data (stored with a model as ``masking_rules.json``)."""
-        return dict(self.catalog.masking)
+        rules: dict[str, Any] = msgspec.to_builtins(self._rules)
+        return rules
 
     def canonicalize(
         self, text: str, locale: str | None = None, hub_entities: dict[str, Any] | None = None
     ) -> Canonical:
-        """Normalize ``text`` and mask entities and values."""
-        norm = " ".join(text.lower().replace("ё", "е").split())
-        return Canonical(text=text, normalized=norm, masked=norm, locale=locale or detect_locale(text))
+        """Normalize ``text`` and mask entities and values; never raises on a ``str``."""
+        if not isinstance(text, str):
+            text = "" if text is None else str(text)
+        lang = (locale or "").replace("_", "-").split("-", 1)[0].lower() if isinstance(locale, str) else ""
+        lang = lang if lang in LOCALES else detect_locale(text)
+        try:
+            return self._canonicalize(text, lang, hub_entities)
+        except Exception:  # a bug here must not take the request down: degrade to unmasked text
+            _LOGGER.exception("canonicalization failed; passing the text through unmasked")
+            norm = " ".join(tokenize(text))
+            return Canonical(text=text, normalized=norm, masked=norm, locale=lang)
+
+    def _canonicalize(self, text: str, lang: str, hub: Any) -> Canonical:
+        words = tokenize(text)
+        lems: list[Lemmas] = [self._lemmatizer.lemmas(w) for w in words]
+        taken = [False] * len(words)
+        ambiguities: list[Ambiguity] = []
+        unresolved: list[str] = []
+        chosen: list[_Span] = []
+        if hub is not None:
+            chosen = self._hub(hub, text, words, taken=taken, ambiguities=ambiguities, unresolved=unresolved)
+        n_hub = len(chosen)
+
+        candidates = [self._from_value(v) for v in self._values.find(words, lems)]
+        candidates += [self._from_hit(h) for h in self._index.find(words, lems, taken)]
+        candidates.sort(key=lambda s: (s.start - s.end, s.priority, s.start, -s.confidence))
+        for span in candidates:
+            if not any(taken[span.start : span.end]):
+                taken[span.start : span.end] = [True] * (span.end - span.start)
+                chosen.append(span)
+        weak = [s for s in chosen[n_hub:] if s.source == "registry" and self._is_weak(s, words, lems)]
+        if weak and len(chosen) > len(weak):  # "погода в Москве": the topic word is no app here
+            for span in weak:
+                chosen.remove(span)
+                taken[span.start : span.end] = [False] * (span.end - span.start)
+        chosen += [self._from_value(v) for v in self._values.numbers(words, lems, [not t for t in taken])]
+
+        found = {s.placeholder for s in chosen}
+        for i, lem in enumerate(lems):
+            if taken[i]:
+                continue
+            noun = self._kind_nouns.get(lem[0]) or (self._kind_nouns.get(lem[1]) if len(lem) > 1 else None)
+            if noun and noun not in found and words[i] not in unresolved:
+                unresolved.append(words[i])
+        return self._assemble(
+            text, lang, words, chosen=chosen, ambiguities=ambiguities, unresolved=unresolved
+        )
+
+    def _is_weak(self, span: _Span, words: Sequence[str], lems: Sequence[Lemmas]) -> bool:
+        if " ".join(words[span.start : span.end]) in self._weak:
+            return True
+        return span.end - span.start == 1 and not self._weak.isdisjoint(lems[span.start][:2])
+
+    @staticmethod
+    def _from_value(v: ValueSpan) -> _Span:
+        return _Span(
+            v.start,
+            v.end,
+            _PRIORITY.get(v.placeholder, 3),
+            v.placeholder,
+            v.placeholder,
+            v.value,
+            None,
+            "value",
+            "parsed",
+            v.confidence,
+        )
+
+    def _from_hit(self, hit: Hit) -> _Span:
+        targets = sorted(hit.targets, key=lambda t: (t.ref or t.value, t.kind))
+        top = targets[0]
+        refs = tuple(dict.fromkeys(t.ref or t.value for t in targets))
+        conf = hit.confidence * (self._rules.matching.ambiguity_penalty if len(refs) > 1 else 1.0)
+        return _Span(
+            hit.start,
+            hit.end,
+            3,
+            top.placeholder,
+            top.kind,
+            top.value,
+            top.ref,
+            top.source,
+            hit.match_type,
+            conf,
+            refs if len(refs) > 1 else (),
+        )
+
+    def _hub(
+        self,
+        hub: Any,
+        text: str,
+        words: Sequence[str],
+        *,
+        taken: list[bool],
+        ambiguities: list[Ambiguity],
+        unresolved: list[str],
+    ) -> list[_Span]:
+        """Spans of the hub resolver's entities (masked first); malformed items are skipped."""
+        if not isinstance(hub, Mapping):
+            _LOGGER.debug("hub entities ignored: not a mapping (%s)", type(hub).__name__)
+            return []
+        spans: list[_Span] = []
+        items = hub.get("resolved_entities")
+        for item in items if isinstance(items, (list, tuple)) else ():
+            span = self._hub_item(item, text, words, taken)
+            if span is None:
+                _LOGGER.debug("hub entity ignored: %r", item)
+                continue
+            taken[span.start : span.end] = [True] * (span.end - span.start)
+            spans.append(span)
+        raw_amb = hub.get("ambiguities")
+        for amb in raw_amb if isinstance(raw_amb, (list, tuple)) else ():
+            cands = amb.get("candidates") if isinstance(amb, Mapping) else None
+            label = amb.get("text") if isinstance(amb, Mapping) else None
+            if isinstance(label, str) and isinstance(cands, (list, tuple)):
+                ambiguities.append(Ambiguity(label, tuple(str(c) for c in cands)))
+        raw_unres = hub.get("unresolved_entity_spans")
+        for item in raw_unres if isinstance(raw_unres, (list, tuple)) else ():
+            value = item.get("text") if isinstance(item, Mapping) else item
+            if isinstance(value, str) and value.strip():
+                unresolved.append(value)
+        return spans
+
+    def _hub_item(self, item: Any, text: str, words: Sequence[str], taken: Sequence[bool]) -> _Span | None:
+        if not isinstance(item, Mapping):
+            return None
+        ref = item.get("canonical_ref")
+        if not isinstance(ref, str) or not ref.strip():
+            return None
+        kind = item.get("kind")
+        if not isinstance(kind, str) or not kind:
+            kind = ref.rsplit(":", 1)[0].replace(":", ".") if ":" in ref else ""
+        placeholder = placeholder_for(kind)
+        if placeholder not in REGISTRY_PLACEHOLDERS and placeholder not in VALUE_PLACEHOLDERS:
+            return None
+        start = item.get("start")
+        start = start if isinstance(start, int) and not isinstance(start, bool) else None
+        surface = item.get("text")
+        if not isinstance(surface, str) or not surface.strip():
+            end = item.get("end")
+            if start is None or not isinstance(end, int) or not 0 <= start < end <= len(text):
+                return None
+            surface = text[start:end]
+        where = _locate(tokenize(surface), words, taken, start)
+        if where is None:
+            return None
+        conf = item.get("confidence")
+        confidence = 1.0
+        if isinstance(conf, (int, float)) and not isinstance(conf, bool) and math.isfinite(conf):
+            confidence = min(1.0, max(0.0, float(conf)))
+        return _Span(where[0], where[1], -1, placeholder, kind, ref, ref, "hub", "hub", confidence)
+
+    @staticmethod
+    def _assemble(
+        text: str,
+        lang: str,
+        words: Sequence[str],
+        *,
+        chosen: list[_Span],
+        ambiguities: list[Ambiguity],
+        unresolved: list[str],
+    ) -> Canonical:
+        offsets, pos = [], 0
+        for word in words:
+            offsets.append(pos)
+            pos += len(word) + 1
+        normalized = " ".join(words)
+        pieces: list[str] = []
+        matches: list[EntityMatch] = []
+        i = 0
+        for span in sorted(chosen, key=lambda s: s.start):
+            pieces.extend(words[i : span.start])
+            pieces.append("{" + span.placeholder + "}")
+            start, end = offsets[span.start], offsets[span.end - 1] + len(words[span.end - 1])
+            surface = normalized[start:end]
+            matches.append(
+                EntityMatch(
+                    placeholder=span.placeholder,
+                    kind=span.kind,
+                    text=surface,
+                    start=start,
+                    end=end,
+                    value=span.value,
+                    ref=span.ref,
+                    source=span.source,
+                    match_type=span.match_type,
+                    confidence=round(span.confidence, 4),
+                )
+            )
+            if span.candidates:
+                ambiguities.append(Ambiguity(surface, span.candidates))
+            i = span.end
+        pieces.extend(words[i:])
+        return Canonical(
+            text=text,
+            normalized=normalized,
+            masked=" ".join(pieces),
+            locale=lang,
+            entities=tuple(matches),
+            ambiguities=tuple(ambiguities),
+            unresolved=tuple(unresolved),
+        )
+
+
+def _locate(
+    needle: Sequence[str], words: Sequence[str], taken: Sequence[bool], hint: int | None
+) -> tuple[int, int] | None:
+    """Token span of ``needle`` in ``words`` (free tokens only), nearest to the character ``hint``."""
+    k = len(needle)
+    if not k:
+        return None
+    found: list[tuple[int, int]] = []
+    pos = 0
+    for i in range(len(words) - k + 1):
+        if words[i] == needle[0] and list(words[i : i + k]) == list(needle) and not any(taken[i : i + k]):
+            found.append((abs(pos - hint) if hint is not None else 0, i))
+        pos += len(words[i]) + 1
+    if not found:
+        return None
+    i = min(found)[1]
+    return i, i + k

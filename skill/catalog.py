@@ -28,14 +28,14 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     pass
 
 
-class Owner(_Strict):
+class Owner(_Strict, frozen=True, forbid_unknown_fields=True):
     """Who owns a catalog file (skill, scenario, system action...)."""
 
     type: OwnerType
     id: str
 
 
-class SlotSpec(_Strict):
+class SlotSpec(_Strict, frozen=True, forbid_unknown_fields=True):
     """A slot an intent may carry.
 
     ``source`` names the canonicalization placeholder that fills it (``time``, ``device``,
@@ -50,7 +50,7 @@ class SlotSpec(_Strict):
     description: str = ""
 
 
-class RegexRule(_Strict):
+class RegexRule(_Strict, frozen=True, forbid_unknown_fields=True):
     """A deterministic rule matched against the canonicalized (placeholder-masked) text.
 
     Rules are tried by ``priority`` (higher first), then in catalog order. Named groups become
@@ -63,7 +63,7 @@ class RegexRule(_Strict):
     id: str = ""
 
 
-class GoldenCase(_Strict):
+class GoldenCase(_Strict, frozen=True, forbid_unknown_fields=True):
     """A must-not-break case for promotion and regression tests."""
 
     text: str
@@ -71,14 +71,14 @@ class GoldenCase(_Strict):
     slots: dict[str, str] = msgspec.field(default_factory=dict)
 
 
-class Thresholds(_Strict):
+class Thresholds(_Strict, frozen=True, forbid_unknown_fields=True):
     """Per-intent stricter gate thresholds (never laxer than the model's)."""
 
     accept: float | None = None
     margin: float | None = None
 
 
-class Intent(_Strict):
+class Intent(_Strict, frozen=True, forbid_unknown_fields=True):
     """One intent: what it means, its slots, examples per locale, negatives and rules."""
 
     intent: str
@@ -95,7 +95,7 @@ class Intent(_Strict):
     prior: float = 1.0
 
 
-class IntentFile(_Strict):
+class IntentFile(_Strict, frozen=True, forbid_unknown_fields=True):
     """One owner's file under ``catalog/intents/``."""
 
     owner: Owner
@@ -104,7 +104,7 @@ class IntentFile(_Strict):
     schema_version: int = 1
 
 
-class Entity(_Strict):
+class Entity(_Strict, frozen=True, forbid_unknown_fields=True):
     """A named thing users refer to: device, room, scenario, app, modal, webspace, skill."""
 
     ref: str
@@ -113,7 +113,7 @@ class Entity(_Strict):
     label: dict[str, str] = msgspec.field(default_factory=dict)
 
 
-class EntityFile(_Strict):
+class EntityFile(_Strict, frozen=True, forbid_unknown_fields=True):
     """``catalog/entities/*.yaml``: entities grouped under a kind (``device.light``, ``scenario``...)."""
 
     kinds: dict[str, list[Entity]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import platformdirs
@@ -43,6 +43,13 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     llm_threads: int = 2
     watch_pointer: bool = True
     log_level: str = "INFO"
+    audit_enabled: bool = True  # the decision audit log (JSON lines, rotated by size)
+    audit_dir: str = ""  # "" = derived from ADAOS_LOGS_DIR or the platform log dir
+    audit_text: Literal["text", "hash", "none"] = "text"  # what the log keeps of the input (privacy)
+    audit_max_bytes: int = 10 * 1024 * 1024
+    audit_backups: int = 5
+    audit_queue: int = 10_000  # records waiting for the writer thread; beyond it they are dropped
+    recent_decisions: int = 50  # kept in memory for the status page
 
     def model_roots(self) -> list[Path]:
         """Where model versions are looked up, in order: the node's root, then the embedded one."""
@@ -64,6 +71,9 @@ _ENV: dict[str, str] = {
     "NLU_CATALOG_DIR": "catalog_dir",
     "NLU_LLM_MODEL": "llm_model",
     "NLU_ONNX_THREADS": "onnx_threads",
+    "ADAOS_LOGS_DIR": "audit_dir",
+    "NLU_AUDIT_ENABLED": "audit_enabled",
+    "NLU_AUDIT_TEXT": "audit_text",
 }
 
 
@@ -72,6 +82,11 @@ def default_models_dir(env: Mapping[str, str]) -> str:
     if env.get("ADAOS_STATE_DIR"):
         return str(Path(env["ADAOS_STATE_DIR"]) / "nlu" / "neural")
     return str(Path(platformdirs.user_data_dir(SERVICE_NAME)) / "models")
+
+
+def default_logs_dir() -> str:
+    """The platform log dir, used when AdaOS gives no ``ADAOS_LOGS_DIR``."""
+    return platformdirs.user_log_dir(SERVICE_NAME)
 
 
 def _from_file(path: Path) -> dict[str, Any]:
@@ -106,6 +121,8 @@ def load_config(
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if not values.get("models_dir"):
         values["models_dir"] = default_models_dir(env)
+    if not values.get("audit_dir"):
+        values["audit_dir"] = default_logs_dir()
     try:
         cfg = msgspec.convert(values, Config, strict=False)
     except msgspec.ValidationError as exc:
@@ -114,6 +131,8 @@ def load_config(
         val = getattr(cfg, name)
         if val is not None and not 0.0 <= val <= 1.0:
             raise ConfigError(f"{name} must be within [0, 1], got {val}")
+    if cfg.audit_max_bytes < 1024 or cfg.audit_backups < 1 or cfg.audit_queue < 1:
+        raise ConfigError("audit_max_bytes must be >= 1024, audit_backups and audit_queue >= 1")
     if not 0 < cfg.port < 65536:
         raise ConfigError(f"port out of range: {cfg.port}")
     return cfg

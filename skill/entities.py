@@ -60,6 +60,21 @@ class Lemmatizer:
             return tuple(dict.fromkeys([word, _singular(word)]))
         return (word,)
 
+    def alias_forms(self, word: str) -> frozenset[str]:
+        """Forms an alias word accepts; a word that can be a noun keeps only its noun lemmas."""
+        # "детская" (the room) must match "в детской" but not the adjective in "детский анекдот".
+        if not _CYRILLIC.search(word) or len(word) > _MAX_WORD:
+            return frozenset(self.lemmas(word))
+        with self._lock:
+            parses = self._morph.parse(word)
+        nouns: dict[str, float] = {}
+        for parse in parses:
+            if parse.tag.POS == "NOUN":
+                form = parse.normal_form.replace("ё", "е")
+                nouns[form] = nouns.get(form, 0.0) + parse.score
+        likely = [form for form, score in nouns.items() if score >= self._min_score]
+        return frozenset([word, *likely]) if likely else frozenset(self.lemmas(word))
+
     def _is_known(self, word: str) -> bool:
         if len(word) > _MAX_WORD:
             return False
@@ -109,7 +124,7 @@ class EntityIndex:
         for target, words in entries:
             if not words:
                 continue
-            forms = tuple(frozenset(lemmatizer.lemmas(w)) for w in words)
+            forms = tuple(lemmatizer.alias_forms(w) for w in words)
             for form in forms[0]:
                 first.setdefault(form, []).append(len(aliases))
             aliases.append(_Alias(tuple(words), forms, target))
@@ -144,10 +159,12 @@ class EntityIndex:
                 seen.update(self._first.get(form, ()))
             for alias_id in sorted(seen):
                 alias = self._aliases[alias_id]
-                end = i + len(alias.forms)
-                quality = self._quality(alias, words, lems, forms, fuzzy_score, blocked, i, end)
+                quality = self._quality(
+                    alias, i, words=words, lems=lems, forms=forms, fuzzy_score=fuzzy_score, blocked=blocked
+                )
                 if quality is None:
                     continue
+                end = i + len(alias.forms)
                 current = best.get((i, end))
                 if current is None or quality < current[0]:
                     best[(i, end)] = (quality, [alias.target])
@@ -162,16 +179,16 @@ class EntityIndex:
     def _quality(
         self,
         alias: _Alias,
+        start: int,
+        *,
         words: Sequence[str],
         lems: Sequence[Lemmas],
         forms: Sequence[Lemmas],
         fuzzy_score: Sequence[float | None],
         blocked: Sequence[bool],
-        start: int,
-        end: int,
     ) -> tuple[int, float] | None:
         """(rank, -confidence) of an alias at ``start``; rank 0 exact, 1 lemma, 2 fuzzy."""
-        if end > len(words):
+        if start + len(alias.forms) > len(words):
             return None
         rank, score = 0, 100.0
         for offset, accepted in enumerate(alias.forms):

@@ -87,7 +87,9 @@ def word_char_ngrams(word: str, spec: FeatureSpec) -> list[str]:
     return out
 
 
-def text_ngrams(words: Sequence[str], spec: FeatureSpec, per_word: Sequence[list[str]] | None = None) -> list[str]:
+def text_ngrams(
+    words: Sequence[str], spec: FeatureSpec, per_word: Sequence[list[str]] | None = None
+) -> list[str]:
     """Every n-gram feature of an utterance: words, word n-grams (``a b``), char n-grams (``#xyz``)."""
     out = [f"w:{w}" for w in words]
     for n in range(2, spec.word_ngram_max + 1):

@@ -48,7 +48,13 @@ def write_pointer(root: Path, model_id: str, *, who: str = "", why: str = "") ->
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     pointer = Pointer(model_id=model_id, previous=old.model_id if old else None, updated=now)
     _atomic_write(root / POINTER_NAME, json.dumps(msgspec.to_builtins(pointer), indent=2).encode() + b"\n")
-    entry = {"ts": now, "who": who or os.environ.get("USER", ""), "from": pointer.previous, "to": model_id, "why": why}
+    entry = {
+        "ts": now,
+        "who": who or os.environ.get("USER", ""),
+        "from": pointer.previous,
+        "to": model_id,
+        "why": why,
+    }
     with (root / HISTORY_NAME).open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
     return pointer

@@ -1,14 +1,16 @@
-"""Value spans: {time} {date} {duration} {number} in digits and words (ru + en), tables from masking.yaml.
+"""Value spans: {time} {date} {duration} {number} in digits and words (ru + en), tables from masking.yaml."""
 
-Ambiguous bare numbers, kept simple on purpose:
-
-* "7:30" is always a time; "7.30" and "7 30" are times only with a cue (a time preposition before it,
-  a day part after it, or a clock word such as "будильник" / "alarm" earlier in the utterance).
-* "N часов" is a clock time after a time preposition ("в 7 часов") or with a clock word earlier in the
-  utterance ("будильник на 7 часов"); otherwise a duration ("таймер на 2 часа").
-* A bare number ("будильник на 7") is a time only with a day part after it ("7 утра", "6 pm") or a
-  clock word earlier in the utterance (lower confidence); otherwise it is a ``{number}``.
-"""
+# Ambiguous numbers, kept simple on purpose. A *clock cue* is a clock word earlier in the utterance
+# ("будильник", "напомни", "alarm", ...) with the number right after a clock preposition (в, на, к, at,
+# for, ...); a *time preposition* is в / к / at / by right before the number.
+#
+# * "7:30" is always a time; "7.30", "7 30", "N часов" and "ten to six" are times after a time
+#   preposition or with a clock cue ("в 7 часов", "будильник на 7 часов"); otherwise "N часов" is a
+#   duration ("таймер на 2 часа", "напомни через 2 часа").
+# * A bare number is a time with a day part after it ("7 утра", "6 pm"; "дня" also needs a cue, since
+#   "через 2 дня" is a duration) or with a clock cue ("будильник на 7", lower confidence); otherwise it
+#   is a ``{number}`` ("громкость на 7", "в 7").
+# * Normalization splits a number glued to a word ("7am" → "7 am", "5th" → "5 th"); "mp3" stays.
 
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def _l() -> Any:
     return msgspec.field(default_factory=list)
 
 
-class Matching(_Strict):
+class Matching(_Strict, frozen=True):
     """Registry matching knobs (masking.yaml ``matching``)."""
 
     lemma_min_score: float = 0.05
@@ -51,7 +53,7 @@ class Matching(_Strict):
     weak_aliases: list[str] = _l()
 
 
-class NumberWords(_Strict):
+class NumberWords(_Strict, frozen=True):
     """Number words by class; Russian keys are lemmas."""
 
     units: dict[str, int] = _d()
@@ -66,7 +68,7 @@ class NumberWords(_Strict):
     not_alone: list[str] = _l()
 
 
-class TimeWords(_Strict):
+class TimeWords(_Strict, frozen=True):
     """Clock-time vocabulary."""
 
     fixed: dict[str, str] = _d()
@@ -77,6 +79,7 @@ class TimeWords(_Strict):
     minute_words: list[str] = _l()
     prepositions: list[str] = _l()
     clock_context: list[str] = _l()
+    clock_prepositions: list[str] = _l()
     half: list[str] = _l()
     quarter: list[str] = _l()
     before_hour: list[str] = _l()
@@ -85,7 +88,7 @@ class TimeWords(_Strict):
     to: list[str] = _l()
 
 
-class DateWords(_Strict):
+class DateWords(_Strict, frozen=True):
     """Date vocabulary."""
 
     relative: dict[str, str] = _d()
@@ -96,7 +99,7 @@ class DateWords(_Strict):
     of: list[str] = _l()
 
 
-class DurationWords(_Strict):
+class DurationWords(_Strict, frozen=True):
     """Duration vocabulary; units map to ISO 8601 designators."""
 
     units: dict[str, Literal["S", "M", "H", "D", "W"]] = _d()
@@ -106,14 +109,14 @@ class DurationWords(_Strict):
     and_a_half: list[str] = _l()
 
 
-class City(_Strict):
+class City(_Strict, frozen=True):
     """A gazetteer city: canonical English name and aliases per locale."""
 
     name: str
     aliases: dict[str, list[str]]
 
 
-class MaskingRules(_Strict):
+class MaskingRules(_Strict, frozen=True):
     """Schema of ``catalog/masking.yaml`` (every section optional)."""
 
     schema_version: int = 1
@@ -128,7 +131,7 @@ class MaskingRules(_Strict):
 
 _APOSTROPHES = re.compile(r"['’ʼ`´]")
 _LOOSE_SEP = re.compile(r"(?<![0-9])[:.,]|[:.,](?![0-9])")
-_TOKEN = re.compile(r"[0-9]+(?:[:.,][0-9]+)*|[^\W\d_]+|\d+")
+_TOKEN = re.compile(r"[0-9]+(?:[:.,][0-9]+)*|[^\W_]+")  # "7am" → "7 am", "mp3" stays
 _NUM = re.compile(r"[0-9]+(?:[.,][0-9]+)?")
 _THOUSANDS = re.compile(r"[0-9]{1,3}(?:,[0-9]{3})+")
 _HHMM = re.compile(r"([0-9]{1,2}):([0-9]{2})")
@@ -182,7 +185,9 @@ def _table(table: Mapping[str, _V]) -> dict[str, _V]:
     return {" ".join(_key(k)): v for k, v in table.items()}
 
 
-def phrase_at(table: Mapping[str, list[tuple[tuple[str, ...], _V]]], words: Sequence[str], i: int) -> tuple[_V, int] | None:
+def phrase_at(
+    table: Mapping[str, list[tuple[tuple[str, ...], _V]]], words: Sequence[str], i: int
+) -> tuple[_V, int] | None:
     """The longest phrase of ``table`` starting at token ``i``: (value, end)."""
     for key, value in table.get(words[i], ()):
         end = i + len(key)
@@ -238,8 +243,13 @@ class ValueParser:
         self._guess_conf = rules.matching.clock_guess_confidence
         n, t, d, u = rules.numbers, rules.time, rules.dates, rules.durations
         self._numwords: dict[str, tuple[str, int]] = {}
-        for cls, table in (("unit", n.units), ("teen", n.teens), ("ten", n.tens),
-                           ("hundreds", n.hundreds), ("mult", n.multipliers)):
+        for cls, table in (
+            ("unit", n.units),
+            ("teen", n.teens),
+            ("ten", n.tens),
+            ("hundreds", n.hundreds),
+            ("mult", n.multipliers),
+        ):
             self._numwords.update({k: (cls, v) for k, v in _table(table).items()})
         self._fractions = _table(n.fractions)
         self._articles, self._num_and = _words(n.articles), _words(n.connectors)
@@ -248,6 +258,7 @@ class ValueParser:
         self._weak_dayparts, self._oclock = _words(t.weak_dayparts), _phrases(dict.fromkeys(t.oclock, 0))
         self._hour_w, self._minute_w = _words(t.hour_words), _words(t.minute_words)
         self._time_preps, self._clock_ctx = _words(t.prepositions), _words(t.clock_context)
+        self._clock_preps = _words(t.clock_prepositions)
         self._half, self._quarter, self._without = _words(t.half), _words(t.quarter), _words(t.before_hour)
         self._half_prefix = tuple(_words(t.half_prefix))
         self._past, self._to = _words(t.past), _words(t.to)
@@ -258,18 +269,32 @@ class ValueParser:
         self._bare_after, self._dur_and = _words(u.bare_after), _words(u.connectors)
         self._and_half = _phrases(dict.fromkeys(u.and_a_half, 0.5))
         self._triggers = frozenset().union(
-            self._numwords, self._fractions, self._articles, self._time_fixed, self._half,
-            self._quarter, self._without, self._relative, self._weekdays, self._months,
-            self._ordinals, self._units, self._dur_fixed, self._half_prefix)
+            self._numwords,
+            self._fractions,
+            self._articles,
+            self._time_fixed,
+            self._half,
+            self._quarter,
+            self._without,
+            self._relative,
+            self._weekdays,
+            self._months,
+            self._ordinals,
+            self._units,
+            self._dur_fixed,
+            self._half_prefix,
+        )
 
     def find(self, words: Sequence[str], lems: Sequence[Lemmas]) -> list[ValueSpan]:
         """Time, date and duration candidates at every position; they may overlap."""
         ctx = self._ctx(words, lems)
         out: list[ValueSpan] = []
+        parsers = (("time", self._time_at), ("date", self._date_at), ("duration", self._duration_at))
         for i, lem in enumerate(lems):
-            if not (words[i][:1].isdigit() or _has(self._triggers, lem) or words[i].startswith(self._half_prefix)):
+            word = words[i]
+            if not (word[:1].isdigit() or _has(self._triggers, lem) or word.startswith(self._half_prefix)):
                 continue
-            for placeholder, parse in (("time", self._time_at), ("date", self._date_at), ("duration", self._duration_at)):
+            for placeholder, parse in parsers:
                 if hit := parse(ctx, i):
                     out.append(ValueSpan(i, hit[0], placeholder, hit[1], hit[2]))
         return out
@@ -299,7 +324,10 @@ class ValueParser:
         word = c.words[i]
         if word[:1].isdigit():
             text = digits_value(word)
-            return _Num(float(text), i + 1, text, False) if text else None
+            if not text:
+                return None
+            value = float(text) if len(text) <= 15 else 1e15  # huge numbers fall out of every range
+            return _Num(value, i + 1, text, False)
         frac = _lex(self._fractions, c.lems[i])
         if frac is not None:
             return _Num(frac, i + 1, _fmt(frac), True)
@@ -315,8 +343,8 @@ class ValueParser:
                 word = c.words[j]
                 if not used and word in self._articles and nxt is not None and nxt[0] == "mult":
                     group, last_rank, last_cls = 1, 1, "unit"
-                elif used and word in self._num_and and nxt is not None and nxt[0] != "mult" and last_rank >= 3:
-                    pass
+                elif used and word in self._num_and and nxt and nxt[0] != "mult" and last_rank >= 3:
+                    pass  # "one hundred and five"
                 else:
                     break
                 j += 1
@@ -347,17 +375,15 @@ class ValueParser:
         if core is None:
             return None
         end, hour, minute, cue = core
+        prev = c.words[i - 1] if i > 0 else ""
+        strong = prev in self._time_preps  # "в 7 часов", "at 7.30"
+        context = c.clock_at < i and prev in self._clock_preps  # "будильник на 7"
         if end < len(c.words) and (dp := phrase_at(self._dayparts, c.words, end)):
-            weak = c.words[end] in self._weak_dayparts
-            if not weak or (i > 0 and c.words[i - 1] in self._time_preps):
+            if c.words[end] not in self._weak_dayparts or strong or context:
                 hour, end, cue = _apply_daypart(hour, dp[0]), dp[1], 0
-        conf = 1.0
-        if cue == 1 and not (i > 0 and c.words[i - 1] in self._time_preps) and c.clock_at >= i:
+        if (cue == 1 and not (strong or context)) or (cue == 2 and not context):
             return None
-        if cue == 2:
-            if c.clock_at >= i:
-                return None
-            conf = self._guess_conf
+        conf = self._guess_conf if cue == 2 else 1.0
         if hour == 24 and minute == 0:
             hour = 0
         if 0 <= hour <= 23 and 0 <= minute <= 59:
@@ -373,7 +399,7 @@ class ValueParser:
             return i + 1, int(m[1]), int(m[2]), 0
         for prefix in self._half_prefix:  # "полвосьмого", "пол восьмого"
             if word.startswith(prefix):
-                rest = word[len(prefix):]
+                rest = word[len(prefix) :]
                 if rest and (hour := self._ordinal_hour(self._lemmatize(rest))):
                     return i + 1, hour - 1, 30, 0
                 if not rest and i + 1 < n and (hour := self._ordinal_hour(lems[i + 1])):
@@ -404,8 +430,8 @@ class ValueParser:
         k = j + 1 if minute_word else j
         if k < n and 0 < value < 60 and words[k] in self._past and (hh := self._hour_at(c, k + 1)):
             return hh[1], hh[0], value, 0
-        if minute_word and k < n and 0 < value < 60 and words[k] in self._to and (hh := self._hour_at(c, k + 1)):
-            return hh[1], (hh[0] - 1) % 24, 60 - value, 0
+        if k < n and 0 < value < 60 and words[k] in self._to and (hh := self._hour_at(c, k + 1)):
+            return hh[1], (hh[0] - 1) % 24, 60 - value, 0 if minute_word else 1  # "ten to six" needs a cue
         if value > 24:
             return None
         if num.spelled and (mm := self._minutes_at(c, j)):
@@ -488,8 +514,8 @@ class ValueParser:
         num = self._number_at(c, i, n)
         if num is None or num.value != int(num.value) or not 1 <= num.value <= 31:
             return None
-        end = num.end + 1 if not num.spelled and num.end < n and words[num.end] in self._ord_suffix else num.end
-        return int(num.value), end
+        suffix = not num.spelled and num.end < n and words[num.end] in self._ord_suffix  # "5th", "5-го"
+        return int(num.value), num.end + 1 if suffix else num.end
 
     # -- durations
 
@@ -516,7 +542,7 @@ class ValueParser:
         if fixed := phrase_at(self._dur_fixed, words, j):
             m = _PART.fullmatch(fixed[0])
             return (m[2], float(m[1]), fixed[1]) if m else None
-        if words[j] in self._articles and j + 1 < n and _lex(self._units, lems[j + 1]):
+        if words[j] in self._articles and j + 1 < n and _lex(self._units, lems[j + 1]) is not None:
             amount, k = 1.0, j + 1
         else:
             num = self._number_at(c, j, n)

@@ -116,7 +116,13 @@ def test_at_threshold(threshold: float, expected: CurvePoint) -> None:
 
 def test_per_intent_and_macro_f1() -> None:
     scores = metrics.per_intent(["a", "a", "b", "b"], ["a", "b", "b", "b"])
-    assert scores["a"] == metrics.IntentScore(2, 1, 1.0, 0.5, pytest.approx(2 / 3))
+    assert (scores["a"].support, scores["a"].predicted, scores["a"].precision, scores["a"].recall) == (
+        2,
+        1,
+        1.0,
+        0.5,
+    )
+    assert scores["a"].f1 == pytest.approx(2 / 3)
     assert scores["b"].precision == pytest.approx(2 / 3)
     assert scores["b"].recall == 1.0
     assert scores["b"].f1 == pytest.approx(0.8)
@@ -204,6 +210,14 @@ def test_score_without_oos_rows_gives_null_oos_figures() -> None:
     assert (s.oos_recall, s.oos_precision, s.oos_auroc) == (None, None, None)
     assert s.accepted_precision == 1.0
     assert s.coverage_at_99_precision == pytest.approx(2 / 3)  # the wrong row sits at 0.6, below both
+
+
+def test_unanswered_row_counts_for_accuracy_but_is_never_accepted() -> None:
+    row = Prediction("x", "a", "a", 0.99, "reject", 1.0, answered=False)
+    s = metrics.score([row, _p("a", "a", 0.5, "accept")], [])
+    assert s.inscope_accuracy == 1.0
+    assert row.correct and row.score == -INF
+    assert s.risk_coverage == [CurvePoint(0.5, 1, 0.5, 1.0)]
 
 
 def test_score_when_val_never_reaches_the_target() -> None:

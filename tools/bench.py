@@ -167,11 +167,14 @@ def evaluate(model_dir: Path, rows: Sequence[BenchRow], catalog_root: Path, thre
         elapsed = (time.perf_counter() - started) * 1000.0
         neural = next((t.ms for t in result.stages if t.stage == "neural"), None)
         d = result.decision
+        # A rejection without an intent still names its top-ranked candidate first among the alternatives.
+        top = d.intent or (d.alternatives[0].intent if d.alternatives else None)
         out[row.split].append(
             metrics.Prediction(
                 text=row.text,
                 gold=row.intent,
-                intent=d.intent,
+                intent=top,
+                answered=d.intent is not None,
                 confidence=float(d.confidence),
                 outcome=d.outcome.value,
                 pipeline_ms=elapsed,
@@ -192,7 +195,7 @@ def evaluate(model_dir: Path, rows: Sequence[BenchRow], catalog_root: Path, thre
         peak_rss_mb=peak,
         ru_maxrss_mb=ru,
         gate=msgspec.structs.asdict(gate_cfg),
-        ranker_info=ranker.info(),
+        ranker_info=msgspec.to_builtins(ranker.info(), enc_hook=str),
         policy_overlap=sorted(gold_intents & set(pipeline.policies)),
         val=out["val"],
         test=out["test"],

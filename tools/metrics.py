@@ -15,7 +15,12 @@ TARGET_PRECISION = 0.99
 
 
 class Prediction(msgspec.Struct, frozen=True):
-    """One test utterance: its gold label and what the pipeline answered (top-1 and gated outcome)."""
+    """One utterance: its gold label and what the pipeline did (top-1 intent, confidence, gated outcome).
+
+    ``answered`` is False when the decision carries no intent (e.g. the ranker rejected on negative
+    evidence): ``intent`` is then the top-ranked candidate, kept for top-1 accuracy and calibration,
+    but no confidence threshold can accept the row.
+    """
 
     text: str
     gold: str
@@ -25,6 +30,7 @@ class Prediction(msgspec.Struct, frozen=True):
     pipeline_ms: float
     neural_ms: float | None = None
     locale: str = ""
+    answered: bool = True
 
     @property
     def in_scope(self) -> bool:
@@ -43,8 +49,8 @@ class Prediction(msgspec.Struct, frozen=True):
 
     @property
     def score(self) -> float:
-        """Confidence for threshold sweeps; a row without an intent can never be accepted."""
-        return self.confidence if self.intent is not None else -math.inf
+        """Confidence for threshold sweeps; a row without an answer can never be accepted."""
+        return self.confidence if self.answered and self.intent is not None else -math.inf
 
 
 class IntentScore(msgspec.Struct, frozen=True):

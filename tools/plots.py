@@ -131,7 +131,8 @@ _DEFINITIONS = """\
 - **OOS recall**: share of oos rows not accepted; **OOS precision**: share of not-accepted rows that are
   oos; **AUROC**: in-scope vs oos separation by top-1 confidence (ties count half). Null without oos rows.
 - **ECE**: expected calibration error of top-1 correctness over all test rows, 15 equal-width bins
-  (oos rows are never correct).
+  (oos rows are never correct). A row the ranker rejects without an intent (negative evidence) keeps
+  its top-ranked candidate for accuracy and ECE, but no threshold accepts it.
 - **Latency**: one thread, after a warm-up; neural = the `neural` stage trace of `ParseResult.stages`,
   pipeline = the whole `Pipeline.parse` call (canonicalize + ranker + gate). **Peak RSS**: high-water mark
   of the evaluation process, which never imports torch (VmHWM; `ru_maxrss` of a child inherits the

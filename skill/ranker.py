@@ -1,0 +1,244 @@
+"""The neural stage: onnxruntime encoder + FAISS nearest examples + priors, blended and calibrated."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import faiss
+import msgspec
+import numpy as np
+import onnxruntime as ort
+
+from .artifacts import ModelError, verify_model_dir
+from .canonicalize import Canonical
+from .decision import Candidate, Decision, Outcome
+from .features import VOCAB_NAME, Featurizer
+from .scoring import Blend, Calibration, alternative_confidences, calibrate, log_priors, score_batch
+
+_LOGGER = logging.getLogger(__name__)
+
+VIA = "neural"
+MATCHED_EXAMPLES = 3
+ALTERNATIVES = 4
+
+
+class RankerConfig(msgspec.Struct, frozen=True):
+    """``ranker_config.json``: label order, fitted blend and calibration, reject margin, gate thresholds."""
+
+    intents: list[str]
+    blend: Blend
+    calibration: Calibration
+    neg_margin: float
+    thresholds: dict[str, float]
+    model_file: str = "model.onnx"
+    vocab_file: str = VOCAB_NAME
+    schema_version: int = 1
+    net: dict[str, Any] = msgspec.field(default_factory=dict)
+    train: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class IntentInfo(msgspec.Struct, frozen=True):
+    """One line of ``intents_manifest.json``."""
+
+    intent: str
+    prior: float = 1.0
+    owner: str = ""
+    risky: bool = False
+    examples: int = 0
+    locales: list[str] = msgspec.field(default_factory=list)
+
+
+class ExampleRow(msgspec.Struct, frozen=True):
+    """One line of ``examples_manifest.jsonl``: a row of ``faiss.index`` or ``faiss_negatives.index``."""
+
+    index: str  # "positive" | "negative"
+    row: int
+    text: str
+    intent: str
+    locale: str = ""
+
+
+def _read_json(path: Path, typ: Any) -> Any:
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=typ)
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ModelError(f"{path}: {exc}") from exc
+
+
+def _read_index(path: Path, dim: int) -> faiss.Index:
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as exc:
+        raise ModelError(f"{path}: unreadable FAISS index: {exc}") from exc
+    if index.d != dim:
+        raise ModelError(f"{path}: dimension {index.d} != embedding size {dim}")
+    return index
+
+
+class Ranker:
+    """Loaded once per model version; ``decide`` is thread-safe (read-only session and indexes)."""
+
+    def __init__(
+        self,
+        model_id: str,
+        model_dir: Path,
+        config: RankerConfig,
+        session: ort.InferenceSession,
+        featurizer: Featurizer,
+        index: faiss.Index,
+        negatives: faiss.Index | None,
+        positives_rows: list[ExampleRow],
+        negative_rows: list[ExampleRow],
+        intents: list[IntentInfo],
+        threads: int,
+    ) -> None:
+        self.model_id = model_id
+        self.model_dir = model_dir
+        self.config = config
+        self._session = session
+        self._featurizer = featurizer
+        self._index = index
+        self._negatives = negatives
+        self._pos = positives_rows
+        self._neg = negative_rows
+        self._intents = intents
+        self._threads = threads
+        self._names = config.intents
+        self._labels = np.asarray([config.intents.index(r.intent) for r in positives_rows], dtype=np.int64)
+        self._log_prior = log_priors([i.prior for i in intents])
+        self._prior = np.exp(self._log_prior)
+
+    @classmethod
+    def load(cls, model_dir: Path, *, threads: int = 1) -> Ranker:
+        """Verify the folder's manifest, open every artifact, check they fit together, and warm up."""
+        model_dir = Path(model_dir)
+        manifest = verify_model_dir(model_dir)
+        config: RankerConfig = _read_json(model_dir / "ranker_config.json", RankerConfig)
+        intents: list[IntentInfo] = _read_json(model_dir / "intents_manifest.json", list[IntentInfo])
+        if [i.intent for i in intents] != config.intents:
+            raise ModelError(f"{model_dir}: intents_manifest.json and ranker_config.json disagree")
+        if len(config.intents) < 2:
+            raise ModelError(f"{model_dir}: a ranker needs at least two intents")
+        try:
+            featurizer = Featurizer.load(model_dir / config.vocab_file)
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ModelError(f"{model_dir / config.vocab_file}: {exc}") from exc
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            session = ort.InferenceSession(
+                str(model_dir / config.model_file), sess_options=opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises several unrelated types for a bad graph
+            raise ModelError(f"{model_dir / config.model_file}: {exc}") from exc
+        faiss.omp_set_num_threads(threads)
+        dim = int(config.net.get("proj_dim", 0)) or session.get_outputs()[1].shape[1] or 0
+        rows: list[ExampleRow] = []
+        for n, line in enumerate((model_dir / "examples_manifest.jsonl").read_bytes().splitlines(), 1):
+            try:
+                rows.append(msgspec.json.decode(line, type=ExampleRow))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise ModelError(f"{model_dir}/examples_manifest.jsonl:{n}: {exc}") from exc
+        pos = [r for r in rows if r.index == "positive"]
+        neg = [r for r in rows if r.index == "negative"]
+        index = _read_index(model_dir / "faiss.index", dim)
+        negatives = _read_index(model_dir / "faiss_negatives.index", dim) if neg else None
+        if index.ntotal != len(pos) or (negatives is not None and negatives.ntotal != len(neg)):
+            raise ModelError(f"{model_dir}: index sizes do not match examples_manifest.jsonl")
+        unknown = {r.intent for r in pos} - set(config.intents)
+        if unknown:
+            raise ModelError(f"{model_dir}: examples of unknown intents {sorted(unknown)}")
+        ranker = cls(manifest.model_id, model_dir, config, session, featurizer, index, negatives, pos, neg, intents, threads)
+        ranker._warm_up()
+        _LOGGER.info("ranker %s loaded: %d intents, %d examples", manifest.model_id, len(intents), len(pos))
+        return ranker
+
+    def _warm_up(self) -> None:
+        for text in ("warm up", "прогрев модели {time}"):
+            self.score_text(text)
+
+    def score_text(self, masked: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float | None, int]:
+        """Softmax, kNN similarities and labels, example rows, nearest-negative similarity and row for one text."""
+        feeds = self._featurizer.encode([masked]).feeds()
+        probs, emb = self._session.run(None, feeds)
+        k = min(self.config.blend.k, self._index.ntotal)
+        sims, rows = self._index.search(emb, k)
+        neg_sim: float | None = None
+        neg_row = -1
+        if self._negatives is not None:
+            ns, nr = self._negatives.search(emb, 1)
+            neg_sim, neg_row = float(ns[0, 0]), int(nr[0, 0])
+        return probs, sims, self._labels[rows], rows, neg_sim, neg_row
+
+    def decide(self, canonical: Canonical) -> Decision:
+        """Rank intents for ``canonical.masked``; ACCEPT with a calibrated confidence, or REJECT on negative evidence."""
+        probs, sims, labels, rows, neg_sim, neg_row = self.score_text(canonical.masked)
+        neg = np.asarray([neg_sim]) if neg_sim is not None else None
+        sc = score_batch(probs, sims, labels, neg, self._log_prior, self.config.blend)
+        top = int(sc.top[0])
+        conf = float(calibrate(sc.features, self.config.calibration)[0])
+        alternatives = tuple(
+            Candidate(self._names[i], round(c, 6))
+            for i, c in alternative_confidences(sc.scores[0], top, conf, ALTERNATIVES)
+        )
+        matched = [self._pos[int(r)].text for r, lab in zip(rows[0], labels[0], strict=True) if lab == top]
+        nearest_negative = None
+        if neg_sim is not None and neg_row >= 0:
+            n = self._neg[neg_row]
+            nearest_negative = {"text": n.text, "similarity": round(neg_sim, 6), "not_intent": n.intent}
+        pos_sim = float(sims[0, 0]) if sims.shape[1] else 0.0
+        evidence: dict[str, Any] = {
+            "softmax": round(float(probs[0, top]), 6),
+            "knn": round(float(sc.knn[0, top]), 6),
+            "skill_prior": round(float(self._prior[top]), 6),
+            "blend_score": round(float(sc.scores[0, top]), 6),
+            "margin": round(float(sc.features[0, 1]), 6),
+            "matched_examples": matched[:MATCHED_EXAMPLES],
+            "nearest_example_similarity": round(pos_sim, 6),
+            "nearest_negative": nearest_negative,
+            "canonicalized_text": canonical.masked,
+            "model_id": self.model_id,
+        }
+        if neg_sim is not None and neg_sim - pos_sim > self.config.neg_margin:
+            return Decision(
+                intent=None,
+                confidence=round(conf, 6),
+                outcome=Outcome.REJECT,
+                via=VIA,
+                alternatives=(Candidate(self._names[top], round(conf, 6)),) + alternatives[: ALTERNATIVES - 1],
+                evidence=evidence,
+                reason="nearest negative example is closer than any intent example",
+            )
+        return Decision(
+            intent=self._names[top],
+            confidence=round(conf, 6),
+            outcome=Outcome.ACCEPT,
+            via=VIA,
+            alternatives=alternatives,
+            evidence=evidence,
+        )
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """Gate thresholds shipped with the model (accept / reject / margin)."""
+        return dict(self.config.thresholds)
+
+    def info(self) -> dict[str, Any]:
+        """Health fields: index sizes, backends, threads, model size."""
+        model_path = self.model_dir / self.config.model_file
+        return {
+            "model_id": self.model_id,
+            "intents": len(self._names),
+            "examples_total": int(self._index.ntotal),
+            "negatives_total": int(self._negatives.ntotal) if self._negatives is not None else 0,
+            "index_backend": f"faiss.{type(self._index).__name__}",
+            "negatives_backend": f"faiss.{type(self._negatives).__name__}" if self._negatives is not None else None,
+            "onnx_threads": self._threads,
+            "model_bytes": model_path.stat().st_size,
+            "folder_bytes": sum(p.stat().st_size for p in self.model_dir.iterdir() if p.is_file()),
+        }

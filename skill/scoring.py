@@ -1,0 +1,100 @@
+"""Pure scoring math of the ranker: blend softmax, kNN and priors; calibrate the top score to a probability."""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+import numpy as np
+
+CALIBRATION_FEATURES = ("s_top", "s_gap", "log_p_top", "knn_top", "pos_sim", "neg_gap")
+NO_NEGATIVE = -1.0  # neg_gap when the model has no negative examples
+
+
+class Blend(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Ranking score per intent: ``w_softmax·log p + w_knn·knn + w_prior·log prior`` (fitted on val)."""
+
+    w_softmax: float = 1.0
+    w_knn: float = 0.0
+    w_prior: float = 0.0
+    k: int = 10
+
+
+class Calibration(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Logistic map from standardized top-candidate features to P(top is correct) (fitted on val)."""
+
+    features: tuple[str, ...] = CALIBRATION_FEATURES
+    mean: tuple[float, ...] = (0.0,) * len(CALIBRATION_FEATURES)
+    scale: tuple[float, ...] = (1.0,) * len(CALIBRATION_FEATURES)
+    coef: tuple[float, ...] = (0.0,) * len(CALIBRATION_FEATURES)
+    bias: float = 0.0
+    kind: str = "logistic"
+
+
+class Scored(msgspec.Struct, frozen=True):
+    """Batch scoring result: blended scores, calibration features, top and runner-up indices."""
+
+    scores: np.ndarray  # [B, C]
+    features: np.ndarray  # [B, F] in CALIBRATION_FEATURES order
+    top: np.ndarray  # [B]
+    second: np.ndarray  # [B]
+    knn: np.ndarray  # [B, C]
+
+
+def knn_matrix(sims: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Per intent, the best similarity among the k retrieved examples; absent intents get the k-th one."""
+    b, k = sims.shape
+    if k == 0:
+        return np.zeros((b, n_classes), dtype=np.float32)
+    out = np.repeat(sims.min(axis=1, keepdims=True), n_classes, axis=1).astype(np.float32)
+    rows = np.repeat(np.arange(b), k)
+    valid = labels.reshape(-1) >= 0
+    np.maximum.at(out, (rows[valid], labels.reshape(-1)[valid]), sims.reshape(-1)[valid])
+    return out
+
+
+def score_batch(
+    probs: np.ndarray,
+    sims: np.ndarray,
+    labels: np.ndarray,
+    neg_sims: np.ndarray | None,
+    log_prior: np.ndarray,
+    blend: Blend,
+) -> Scored:
+    """Blend the components for a batch of queries and compute the calibration features."""
+    n_classes = probs.shape[1]
+    log_p = np.log(np.clip(probs, 1e-9, 1.0))
+    knn = knn_matrix(sims, labels, n_classes)
+    scores = blend.w_softmax * log_p + blend.w_knn * knn + blend.w_prior * log_prior[None, :]
+    order = np.argsort(-scores, axis=1)
+    top, second = order[:, 0], order[:, 1] if n_classes > 1 else order[:, 0]
+    rows = np.arange(len(top))
+    s_top = scores[rows, top]
+    s_gap = s_top - scores[rows, second] if n_classes > 1 else np.full_like(s_top, 10.0)
+    pos_sim = sims[:, 0] if sims.shape[1] else np.zeros(len(top), dtype=np.float32)
+    neg_gap = neg_sims - pos_sim if neg_sims is not None else np.full(len(top), NO_NEGATIVE)
+    feats = np.stack([s_top, s_gap, log_p[rows, top], knn[rows, top], pos_sim, neg_gap], axis=1)
+    return Scored(scores=scores, features=feats.astype(np.float64), top=top, second=second, knn=knn)
+
+
+def calibrate(features: np.ndarray, cal: Calibration) -> np.ndarray:
+    """P(top is correct) for each row of ``features``."""
+    z = (features - np.asarray(cal.mean)) / np.asarray(cal.scale)
+    logit = z @ np.asarray(cal.coef) + cal.bias
+    return 1.0 / (1.0 + np.exp(-np.clip(logit, -40.0, 40.0)))
+
+
+def alternative_confidences(scores: np.ndarray, top: int, conf: float, n: int) -> list[tuple[int, float]]:
+    """The next ``n`` intents, sharing ``1 - conf`` in proportion to their blended softmax mass."""
+    q = np.exp(scores - scores.max())
+    rest = q.sum() - q[top]
+    order = [int(i) for i in np.argsort(-scores)[: n + 1] if i != top][:n]
+    if rest <= 0.0:
+        return [(i, 0.0) for i in order]
+    return [(i, float((1.0 - conf) * q[i] / rest)) for i in order]
+
+
+def log_priors(priors: list[float]) -> np.ndarray:
+    """Log of priors scaled so the largest is 1 (log 0); non-positive priors count as tiny."""
+    top = max(priors) if priors and max(priors) > 0 else 1.0
+    return np.asarray([math.log(max(p / top, 1e-6)) for p in priors], dtype=np.float32)

@@ -1,0 +1,127 @@
+"""Fit the blend weights, the calibration map and the reject margin on validation data (numpy only)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import msgspec
+import numpy as np
+
+from skill.scoring import CALIBRATION_FEATURES, Blend, Calibration, calibrate, score_batch
+
+_LOGGER = logging.getLogger(__name__)
+
+W_KNN_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+W_PRIOR_GRID = (0.0, 0.5, 1.0, 2.0)
+NEG_MARGIN_GRID = (-0.1, -0.05, 0.0, 0.05, 0.1, 0.2)
+NEVER_REJECT = 10.0  # cosine gaps lie in [-2, 2]: a margin of 10 never rejects
+
+
+class ValBatch(msgspec.Struct, frozen=True):
+    """Model outputs on validation rows; ``gold`` is -1 for out-of-scope rows."""
+
+    probs: np.ndarray
+    sims: np.ndarray
+    labels: np.ndarray
+    neg_sims: np.ndarray | None
+    gold: np.ndarray
+
+
+def fit_blend(val: ValBatch, log_prior: np.ndarray, k: int) -> tuple[Blend, dict[str, float]]:
+    """Grid-search (w_knn, w_prior) with w_softmax = 1 for in-scope accuracy, then log-likelihood."""
+    inside = val.gold >= 0
+    priors_vary = bool(np.ptp(log_prior) > 0)
+    best: tuple[float, float] | None = None
+    chosen = Blend(k=k)
+    for w_knn, w_prior in itertools.product(W_KNN_GRID, W_PRIOR_GRID if priors_vary else (0.0,)):
+        blend = Blend(w_softmax=1.0, w_knn=w_knn, w_prior=w_prior, k=k)
+        sc = score_batch(val.probs[inside], val.sims[inside], val.labels[inside], None, log_prior, blend)
+        acc = float((sc.top == val.gold[inside]).mean()) if inside.any() else 0.0
+        s = sc.scores - sc.scores.max(axis=1, keepdims=True)
+        log_q = s - np.log(np.exp(s).sum(axis=1, keepdims=True))
+        ll = float(log_q[np.arange(len(s)), val.gold[inside]].mean()) if inside.any() else 0.0
+        key = (acc, ll)
+        if best is None or key > best:
+            best, chosen = key, blend
+    assert best is not None
+    return chosen, {"val_accuracy_blend": best[0], "val_loglik_blend": best[1]}
+
+
+def _logistic(x: np.ndarray, y: np.ndarray, l2: float, iters: int = 200) -> tuple[np.ndarray, float]:
+    """L2-regularized logistic regression by Newton steps (bias regularized lightly, so one-class data stays finite)."""
+    n, d = x.shape
+    xb = np.hstack([x, np.ones((n, 1))])
+    w = np.zeros(d + 1)
+    reg = np.full(d + 1, l2)
+    reg[-1] = l2 * 0.01
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-np.clip(xb @ w, -40, 40)))
+        grad = xb.T @ (p - y) + reg * w
+        hess = (xb * (p * (1 - p))[:, None]).T @ xb + np.diag(reg)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return w[:-1], float(w[-1])
+
+
+def fit_calibration(features: np.ndarray, correct: np.ndarray, l2: float = 1.0) -> Calibration:
+    """Standardize the features and fit P(correct | features)."""
+    mean = features.mean(axis=0)
+    scale = features.std(axis=0)
+    scale = np.where(scale < 1e-6, 1.0, scale)
+    z = (features - mean) / scale
+    coef, bias = _logistic(z, correct.astype(np.float64), l2)
+    return Calibration(
+        features=CALIBRATION_FEATURES,
+        mean=tuple(float(v) for v in mean),
+        scale=tuple(float(v) for v in scale),
+        coef=tuple(float(v) for v in coef),
+        bias=bias,
+    )
+
+
+def fit_neg_margin(neg_gap: np.ndarray, gold: np.ndarray, correct: np.ndarray) -> float:
+    """Reject when the nearest negative beats the nearest example by more than this; +inf if never useful."""
+    oos = gold < 0
+    best_gain, best_margin = 0.0, NEVER_REJECT
+    for margin in NEG_MARGIN_GRID:
+        rejected = neg_gap > margin
+        gain = float(rejected[oos].sum()) - 2.0 * float(rejected[~oos & correct].sum()) - 0.5 * float(
+            rejected[~oos & ~correct].sum()
+        )
+        if gain > best_gain:
+            best_gain, best_margin = gain, margin
+    return best_margin
+
+
+def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
+    """ECE with equal-width bins."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        sel = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
+        if sel.any():
+            total += sel.mean() * abs(float(conf[sel].mean()) - float(correct[sel].mean()))
+    return float(total)
+
+
+def fit_all(val: ValBatch, log_prior: np.ndarray, k: int) -> tuple[Blend, Calibration, float, dict[str, float]]:
+    """Blend, then calibration (with 2-fold cross-fitted ECE for an honest figure), then reject margin."""
+    blend, report = fit_blend(val, log_prior, k)
+    sc = score_batch(val.probs, val.sims, val.labels, val.neg_sims, log_prior, blend)
+    correct = sc.top == val.gold
+    cal = fit_calibration(sc.features, correct)
+    conf = calibrate(sc.features, cal)
+    report["val_ece_fit"] = expected_calibration_error(conf, correct)
+    if len(correct) >= 20:
+        half = np.arange(len(correct)) % 2 == 0
+        cross = np.zeros(len(correct))
+        for part in (half, ~half):
+            cross[~part] = calibrate(sc.features[~part], fit_calibration(sc.features[part], correct[part]))
+        report["val_ece_crossfit"] = expected_calibration_error(cross, correct)
+    margin = fit_neg_margin(sc.features[:, CALIBRATION_FEATURES.index("neg_gap")], val.gold, correct)
+    if val.neg_sims is None:
+        margin = NEVER_REJECT
+    return blend, cal, margin, report

@@ -1,0 +1,120 @@
+"""ONNX export (TorchScript exporter), dynamic int8 quantization, and the int8-vs-fp32 agreement check."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from skill.features import Featurizer
+
+from ._loop import _batches
+from ._model import Net
+
+_LOGGER = logging.getLogger(__name__)
+
+MIN_AGREEMENT = 0.99
+OPSET = 17
+
+
+class ExportError(RuntimeError):
+    """Export or quantization produced a model that must not be served."""
+
+
+def export_onnx(net: Net, feat: Featurizer, path: Path) -> None:
+    """Write the fp32 graph: inputs chars [B,W,L], words [B,W], ngrams [B,N]; outputs probs, emb."""
+    enc = feat.encode(["export sample text"])
+    args = (torch.from_numpy(enc.chars), torch.from_numpy(enc.words), torch.from_numpy(enc.ngrams))
+    net.eval()
+    torch.onnx.export(
+        net,
+        args,
+        str(path),
+        dynamo=False,
+        input_names=["chars", "words", "ngrams"],
+        output_names=["probs", "emb"],
+        dynamic_axes={
+            "chars": {0: "batch", 1: "words"},
+            "words": {0: "batch", 1: "words"},
+            "ngrams": {0: "batch", 1: "ngrams"},
+            "probs": {0: "batch"},
+            "emb": {0: "batch"},
+        },
+        opset_version=OPSET,
+    )
+
+
+def quantize(fp32: Path, int8: Path) -> None:
+    """Dynamic int8 quantization of MatMul, Gather (embedding tables) and LSTM weights."""
+    quantize_dynamic(
+        str(fp32),
+        str(int8),
+        op_types_to_quantize=["MatMul", "Gather", "LSTM"],
+        weight_type=QuantType.QInt8,
+        per_channel=False,
+    )
+
+
+def session(path: Path, threads: int = 1) -> ort.InferenceSession:
+    """A CPU session with a fixed thread count."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def run_batched(
+    sess: ort.InferenceSession, feat: Featurizer, texts: Sequence[str], batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and embeddings for many texts (equal-length batches, as in training)."""
+    probs: np.ndarray | None = None
+    embs: np.ndarray | None = None
+    for batch in _batches(feat, texts, batch_size, None):
+        p, e = sess.run(None, feat.encode([texts[i] for i in batch]).feeds())
+        if probs is None or embs is None:
+            probs = np.zeros((len(texts), p.shape[1]), dtype=np.float32)
+            embs = np.zeros((len(texts), e.shape[1]), dtype=np.float32)
+        probs[batch] = p
+        embs[batch] = e
+    if probs is None or embs is None:
+        raise ExportError("no texts to run")
+    return probs, embs
+
+
+def export_int8(net: Net, feat: Featurizer, out: Path, check_texts: Sequence[str], threads: int = 2) -> dict[str, float]:
+    """Export fp32 to a temp dir, quantize into ``out``, and check top-1 agreement on ``check_texts``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "model.fp32.onnx"
+        export_onnx(net, feat, fp32)
+        quantize(fp32, out)
+        texts = list(check_texts) or ["export sample text"]
+        p32, _ = run_batched(session(fp32, threads), feat, texts)
+        p8, _ = run_batched(session(out, threads), feat, texts)
+        with torch.no_grad():
+            enc = feat.encode(texts[:1])
+            torch_p, _ = net(torch.from_numpy(enc.chars), torch.from_numpy(enc.words), torch.from_numpy(enc.ngrams))
+        torch_gap = float(np.abs(torch_p.numpy() - p32[:1]).max())
+        fp32_bytes = os.path.getsize(fp32)
+    agreement = float((p32.argmax(axis=1) == p8.argmax(axis=1)).mean())
+    report = {
+        "int8_fp32_top1_agreement": agreement,
+        "agreement_rows": float(len(texts)),
+        "torch_onnx_max_abs_diff": torch_gap,
+        "fp32_bytes": float(fp32_bytes),
+        "int8_bytes": float(os.path.getsize(out)),
+    }
+    _LOGGER.info("int8 vs fp32 top-1 agreement %.4f on %d rows", agreement, len(texts))
+    if torch_gap > 1e-3:
+        raise ExportError(f"ONNX fp32 output differs from torch by {torch_gap:.2e}")
+    if agreement < MIN_AGREEMENT:
+        raise ExportError(f"int8 and fp32 agree on top-1 for only {agreement:.2%} of {len(texts)} rows (< 99%)")
+    return report
