@@ -225,11 +225,30 @@ def _check_intent(path: Path, idx: int, intent: Intent) -> None:
             raise CatalogError(path, f"{where}.thresholds.accept", "must be in (0, 1]")
 
 
-def load_catalog(root: Path | str) -> Catalog:
-    """Load and validate every YAML file of a catalog directory.
+def _merge_teacher(base: Intent, extra: Intent) -> Intent:
+    """A teacher overlay adds examples and negatives to an intent; it never redefines it."""
+
+    def merged(a: dict[str, list[str]], b: dict[str, list[str]]) -> dict[str, list[str]]:
+        out = {k: list(v) for k, v in a.items()}
+        for locale, texts in b.items():
+            have = out.setdefault(locale, [])
+            have.extend(t for t in texts if t not in have)
+        return out
+
+    return msgspec.structs.replace(
+        base,
+        examples=merged(base.examples, extra.examples),
+        negatives=merged(base.negatives, extra.negatives),
+    )
+
+
+def load_catalog(root: Path | str, overlays: Iterable[Path | str] = ()) -> Catalog:
+    """Load and validate every YAML file of a catalog directory, then teacher overlays.
 
     Layout: ``intents/*.yaml`` (one file per owner), ``entities/*.yaml``, ``masking.yaml``.
     Unknown keys, bad types, duplicate intents or entity refs raise :class:`CatalogError`.
+    Files owned by the teacher (in ``intents/`` or given as ``overlays``) are applied last: their
+    examples extend intents defined elsewhere, and intents new to the catalog are added whole.
     """
     root = Path(root)
     if not root.is_dir():
@@ -241,14 +260,21 @@ def load_catalog(root: Path | str) -> Catalog:
     files = sorted((root / "intents").glob("*.yaml"))
     if not files:
         raise CatalogError(root / "intents", "$", "no intent files")
-    for path in files:
+    parsed_files: list[tuple[Path, IntentFile]] = []
+    for path in [*files, *(Path(o) for o in overlays if Path(o).is_file())]:
         raw_bytes = path.read_bytes()
         digest.update(path.name.encode() + b"\0" + raw_bytes)
-        parsed: IntentFile = _convert(path, _read_yaml(path), IntentFile)
+        parsed_files.append((path, _convert(path, _read_yaml(path), IntentFile)))
+    parsed_files.sort(key=lambda item: item[1].owner.type == "teacher")  # stable: teacher last
+    for path, parsed in parsed_files:
+        teacher = parsed.owner.type == "teacher"
         for idx, intent in enumerate(parsed.intents):
             _check_intent(path, idx, intent)
             if intent.intent in intents:
-                raise CatalogError(path, f"$.intents[{idx}].intent", f"duplicate {intent.intent}")
+                if not teacher:
+                    raise CatalogError(path, f"$.intents[{idx}].intent", f"duplicate {intent.intent}")
+                intents[intent.intent] = _merge_teacher(intents[intent.intent], intent)
+                continue
             intents[intent.intent] = intent
             owners[intent.intent] = parsed.owner
         for locale, texts in parsed.out_of_scope.items():

@@ -125,6 +125,16 @@ async def test_sigkill_with_queued_misses_loses_nothing(tmp_path: Path, service:
         assert len(keys) == len(set(keys)), "a miss was delivered twice"
         assert set(keys) <= {idempotency_key(rid, text) for rid, text in sent.items()}
         assert all(body["idempotency_key"] == key for key, body in teacher.deliveries)
+        # Teacher feedback over the same HTTP ingress lands in the overlay.
+        example = {"text": "разбуди меня пораньше", "intent": "alarm.set", "request_id": "k1"}
+        async with aiohttp.ClientSession() as session:
+            body = {"type": "nlp.teacher.example.save", "payload": example, "webspace_id": "desktop"}
+            url = f"http://127.0.0.1:{listen}/api/node/events/publish"
+            async with session.post(url, json=body, headers={"X-AdaOS-Token": hub.token}) as resp:
+                assert resp.status == 200
+        overlay = tmp_path / "state" / "teacher_catalog" / "intents" / "teacher.yaml"
+        assert await wait_until(overlay.exists, timeout=10)
+        assert (tmp_path / "state" / "retrain_candidate.json").exists()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0, log.read_text()
         stats = json.loads((tmp_path / "state" / "neural_usage.json").read_text())

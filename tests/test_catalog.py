@@ -98,3 +98,31 @@ def test_shipped_examples_do_not_cross_intents(shipped: Any) -> None:
         key = " ".join(ex.text.lower().replace("ё", "е").split())
         other = seen.setdefault(key, ex.intent)
         assert other == ex.intent, f"{ex.text!r} is an example of both {other} and {ex.intent}"
+
+
+def test_teacher_overlay_extends_existing_intents(tmp_path: Path) -> None:
+    root = write_catalog(tmp_path / "c")
+    overlay = tmp_path / "state" / "teacher.yaml"
+    overlay.parent.mkdir()
+    overlay.write_text(
+        "owner: {type: teacher, id: teacher}\n"
+        "intents:\n"
+        "  - intent: alarm.set\n    description: {ru: x}\n"
+        "    examples: {ru: [будильник на семь утра пожалуйста, поставь будильник на 7:30]}\n"
+        "  - intent: coffee.make\n    description: {en: Make coffee}\n    examples: {en: [brew a coffee]}\n"
+    )
+    base = load_catalog(root)
+    merged = load_catalog(root, overlays=[overlay])
+    assert merged.intents["alarm.set"].examples["ru"] == [
+        *base.intents["alarm.set"].examples["ru"], "будильник на семь утра пожалуйста"
+    ]  # the duplicate is not added twice
+    assert merged.intents["alarm.set"].description == base.intents["alarm.set"].description
+    assert merged.owners["alarm.set"].id == "mini"
+    assert merged.owners["coffee.make"].type == "teacher"
+    assert merged.digest != base.digest
+    # The same file inside intents/ behaves the same; a non-teacher duplicate is still an error.
+    (root / "intents" / "a_teacher.yaml").write_text(overlay.read_text())
+    assert "coffee.make" in load_catalog(root).intents
+    (root / "intents" / "a_teacher.yaml").write_text(overlay.read_text().replace("teacher, id", "skill, id"))
+    with pytest.raises(CatalogError, match="duplicate alarm.set"):
+        load_catalog(root)

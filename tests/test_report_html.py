@@ -33,14 +33,15 @@ def _bench_folder(root: Path, model_id: str, seed: int, *, plots: bool = True) -
     model.mkdir(parents=True)
     (model / "model.onnx").write_bytes(b"\0" * (1000 + seed))
     ev = bench.EvalOutput(
-        model_id=model_id, threads=1, warmup=32, torch_loaded=False, peak_rss_mb=100.0 + seed, ru_maxrss_mb=1.0,
-        gate={"accept": 0.8, "reject": 0.45, "margin": 0.1}, ranker_info={}, policy_overlap=[],
-        val=preds[:120], test=preds[120:],
+        model_id=model_id, threads=1, warmup=32, torch_loaded=False, peak_rss_mb=100.0 + seed,
+        ru_maxrss_mb=1.0, gate={"accept": 0.8, "reject": 0.45, "margin": 0.1}, ranker_info={},
+        policy_overlap=[], val=preds[:120], test=preds[120:],
     )  # fmt: skip
     scores = metrics.score(ev.test, ev.val)
     meta = {
-        "command": f"python -m tools.bench --data d.jsonl --out {root.name}", "data": "d.jsonl", "seed": seed,
-        "train_rows": 10, "use_oos_train": False, "val_rows": 120, "val_source": "val", "created": "2026-01-01",
+        "command": f"python -m tools.bench --data d.jsonl --out {root.name}", "data": "d.jsonl",
+        "seed": seed, "train_rows": 10, "use_oos_train": False, "val_rows": 120, "val_source": "val",
+        "created": "2026-01-01",
     }  # fmt: skip
     report = bench.build_report(scores, ev, model_dir=model, train_seconds=1.0, meta=meta)
     report["plots"] = list(report_html.PLOTS)

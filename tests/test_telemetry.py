@@ -64,7 +64,11 @@ def families(text: str) -> dict[str, Any]:
 
 
 def value(fams: dict[str, Any], family: str, sample: str, **labels: str) -> float:
-    hits = [s.value for s in fams[family].samples if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())]
+    hits = [
+        s.value
+        for s in fams[family].samples
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
     assert len(hits) == 1, (sample, labels, fams[family].samples)
     return float(hits[0])
 
@@ -90,16 +94,22 @@ async def test_exposition_parses_and_counts(aiohttp_client: Any, config: Config)
     assert value(fams, "nlu_decisions", dec, outcome="accept", via="regex", intent="voice.time.now") == 3
     assert value(fams, "nlu_decisions", dec, outcome="abstain", via="neural", intent="none") == 1
     assert value(fams, "nlu_confidence", "nlu_confidence_count", outcome="accept", via="regex") == 3
-    assert value(fams, "nlu_confidence", "nlu_confidence_bucket", outcome="accept", via="regex", le="0.99") == 0
+    assert (
+        value(fams, "nlu_confidence", "nlu_confidence_bucket", outcome="accept", via="regex", le="0.99") == 0
+    )
     assert value(fams, "nlu_fallback_ratio", "nlu_fallback_ratio") == pytest.approx(0.25)
-    canon = {s.labels["result"]: s.value for s in fams["nlu_canonicalization"].samples if s.name.endswith("_total")}
+    canon = {
+        s.labels["result"]: s.value for s in fams["nlu_canonicalization"].samples if s.name.endswith("_total")
+    }
     assert set(canon) == {"hit", "miss", "ambiguity", "unresolved"} and sum(canon.values()) == 4
     info = fams["nlu_model_info"].samples[0]
     assert info.name == "nlu_model_info"
     assert info.labels["model_id"] == "none" and info.labels["service_version"]
     assert info.labels["status"] == "degraded"
     assert value(fams, "nlu_model_loaded", "nlu_model_loaded") == 0
-    assert value(fams, "nlu_model_reloads", "nlu_model_reloads_total", trigger="start", result="no_model") == 1
+    assert (
+        value(fams, "nlu_model_reloads", "nlu_model_reloads_total", trigger="start", result="no_model") == 1
+    )
     assert value(fams, "nlu_model_refusals", "nlu_model_refusals_total", trigger="reindex") == 0
     assert "nlu_audit_records" in fams
 
@@ -113,12 +123,16 @@ async def test_reloads_and_refusals(aiohttp_client: Any, config: Config) -> None
     body = await (await client.post("/reindex")).json()
     assert body["ok"] is False and "surprise" in body["error"]
     fams = await scrape(client)
-    assert value(fams, "nlu_model_reloads", "nlu_model_reloads_total", trigger="reindex", result="no_model") == 1
+    assert (
+        value(fams, "nlu_model_reloads", "nlu_model_reloads_total", trigger="reindex", result="no_model") == 1
+    )
     assert value(fams, "nlu_model_refusals", "nlu_model_refusals_total", trigger="reindex") == 1
     mini.write_text(good, encoding="utf-8")
     await client.post("/reindex")
     fams = await scrape(client)  # counted once each, however often scraped
-    assert value(fams, "nlu_model_reloads", "nlu_model_reloads_total", trigger="reindex", result="no_model") == 2
+    assert (
+        value(fams, "nlu_model_reloads", "nlu_model_reloads_total", trigger="reindex", result="no_model") == 2
+    )
     assert value(fams, "nlu_model_refusals", "nlu_model_refusals_total", trigger="reindex") == 1
     assert state.health()["refusals_total"] == 1
 

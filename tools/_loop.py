@@ -75,7 +75,12 @@ def fit_net(
     rng = random.Random(seed)
     vocab = feat.vocab
     net = Net(NetConfig(vocab.n_chars, vocab.n_words, vocab.n_ngrams, n_classes))
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sparse_ids = {id(p) for p in net.sparse_parameters()}
+    dense = [p for p in net.parameters() if id(p) not in sparse_ids]
+    opts = [
+        torch.optim.AdamW(dense, lr=cfg.lr, weight_decay=cfg.weight_decay),
+        torch.optim.SparseAdam(net.sparse_parameters(), lr=cfg.lr),
+    ]
     steps_per_epoch = len(_batches(feat, texts, cfg.batch_size, None))
     total = max(1, cfg.epochs * steps_per_epoch)
     warm = max(1, total // 20)
@@ -84,7 +89,7 @@ def fit_net(
         # Linear warm-up then linear decay; batch counts vary a little with augmentation, hence the floor.
         return min((step + 1) / warm, max(0.02, 1.0 - step / total))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(opt, lr_at) for opt in opts]
     y_all = torch.tensor(list(labels), dtype=torch.long)
     bar = tqdm(total=cfg.epochs, desc="train", unit="epoch", disable=not progress)
     for epoch in range(cfg.epochs):
@@ -107,11 +112,13 @@ def fit_net(
                 loss = loss - cfg.oe_weight * F.log_softmax(logits[~inside], dim=1).mean()
             if len(batch) > 1:
                 loss = loss + cfg.supcon_weight * supcon_loss(emb, y, cfg.supcon_tau)
-            opt.zero_grad()
+            for opt in opts:
+                opt.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
-            opt.step()
-            sched.step()
+            torch.nn.utils.clip_grad_norm_(dense, 5.0)
+            for opt, sched in zip(opts, scheds, strict=True):
+                opt.step()
+                sched.step()
             loss_sum += float(loss) * len(batch)
             n_seen += len(batch)
         bar.set_postfix(loss=f"{loss_sum / max(1, n_seen):.3f}")

@@ -48,15 +48,19 @@ class Net(nn.Module):
         self.convs = nn.ModuleList(
             nn.Conv1d(cfg.char_dim, cfg.conv_channels, k, padding=k // 2) for k in cfg.conv_widths
         )
-        self.word_emb = nn.Embedding(cfg.n_words, cfg.word_dim, padding_idx=0)
+        self.word_emb = nn.Embedding(cfg.n_words, cfg.word_dim, padding_idx=0, sparse=True)
         lstm_in = cfg.conv_channels * len(cfg.conv_widths) + cfg.word_dim
         self.lstm = nn.LSTM(lstm_in, cfg.hidden, batch_first=True, bidirectional=True)
-        self.bag_emb = nn.Embedding(cfg.n_ngrams, cfg.bag_dim, padding_idx=0)
+        self.bag_emb = nn.Embedding(cfg.n_ngrams, cfg.bag_dim, padding_idx=0, sparse=True)
         enc_dim = 4 * cfg.hidden
         self.drop = nn.Dropout(cfg.dropout)
         self.head_enc = Dense(enc_dim, cfg.n_classes)
         self.head_bag = Dense(cfg.bag_dim, cfg.n_classes)
         self.proj = Dense(enc_dim + cfg.bag_dim, cfg.proj_dim)
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """The big embedding tables: trained with sparse gradients (only touched rows are updated)."""
+        return [self.word_emb.weight, self.bag_emb.weight]
 
     def branches(
         self, chars: torch.Tensor, words: torch.Tensor, ngrams: torch.Tensor
