@@ -143,8 +143,8 @@ def to_record(entry: Entry, privacy: Privacy) -> dict[str, Any]:
 class AuditWriter:
     """A bounded queue drained by one thread into a size-rotated JSONL file.
 
-    ``submit`` never blocks and never raises: a full queue drops the record, a failing disk fails
-    the batch; both are counted (``stats``) and logged once per episode.
+    ``submit`` never blocks and never raises: a full queue drops the record (warned once), a failing
+    disk fails the batch (logged once per outage); both are counted for ``/metrics``.
     """
 
     def __init__(

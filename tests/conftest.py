@@ -78,6 +78,7 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
     def _make(**overrides: Any) -> Config:
         overrides.setdefault("models_dir", str(tmp_path / "node-models"))
         overrides.setdefault("embedded_models_dir", str(tmp_path / "no-embedded-models"))
+        overrides.setdefault("audit_dir", str(tmp_path / "logs"))
         return load_config(env={}, overrides=overrides)
 
     return _make

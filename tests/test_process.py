@@ -19,6 +19,7 @@ def test_start_health_and_sigterm(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADAOS_")}
     env["ADAOS_STATE_DIR"] = str(tmp_path / "state")  # an empty node: the embedded model serves
+    env["ADAOS_LOGS_DIR"] = str(tmp_path / "logs")
     proc = subprocess.Popen(
         [sys.executable, "-m", "skill", "--port", str(port)], cwd=REPO, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -119,7 +119,7 @@ def fit_net(
             for opt, sched in zip(opts, scheds, strict=True):
                 opt.step()
                 sched.step()
-            loss_sum += float(loss) * len(batch)
+            loss_sum += float(loss.detach()) * len(batch)
             n_seen += len(batch)
         bar.set_postfix(loss=f"{loss_sum / max(1, n_seen):.3f}")
         bar.update(1)

@@ -118,7 +118,7 @@ def summarize(records: Iterable[dict[str, Any]], top: int = 20) -> dict[str, Any
         outcomes[outcome] += 1
         per_intent[intent][outcome] += 1
         via[str(rec.get("via"))] += 1
-        models[str(rec.get("model_id"))] += 1
+        models[str(rec.get("model_id") or "(no model)")] += 1
         if outcome != "accept":
             reasons[f"{outcome}: {rec.get('reason')}"] += 1
         if rec.get("intent"):
@@ -187,6 +187,7 @@ def summarize(records: Iterable[dict[str, Any]], top: int = 20) -> dict[str, Any
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     cells = [[str(c).replace("|", "\\|").replace("\n", " ") for c in row] for row in rows]
+    cells = cells or [["(none)", *[""] * (len(header) - 1)]]
     return [
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -225,7 +226,10 @@ def render_text(s: dict[str, Any], files: Sequence[Path], bad: Counter[str]) -> 
         "",
         *_table(
             ["text", "count", "masked", "top candidates"],
-            ([a["text"], a["count"], a["masked"] or "", a["top_candidates"]] for a in s["top_abstained"]),
+            (
+                [a["text"], a["count"], a["masked"] or "", a["top_candidates"] or ""]
+                for a in s["top_abstained"]
+            ),
         ),
         "",
         "## Canonicalization",

@@ -63,8 +63,9 @@ function renderCounts(m, audit) {
   pairs.push(["fallback ratio (not accepted)", pct(m.fallback_ratio)]);
   const canon = m.canonicalization || {};
   pairs.push(["canonicalization", ["hit", "miss", "ambiguity", "unresolved"].map((k) => `${k} ${canon[k] || 0}`).join(" · ")]);
-  pairs.push(["reloads", m.reloads.reloads]);
-  pairs.push(["refusals", m.reloads.refusals]);
+  const nonzero = (obj) => Object.entries(obj).filter(([, n]) => n).map(([k, n]) => `${k} ${n}`).join(" · ") || "none";
+  pairs.push(["reloads (trigger/result)", nonzero(m.reloads.reloads)]);
+  pairs.push(["refusals (trigger)", nonzero(m.reloads.refusals)]);
   pairs.push(["audit log", audit.enabled ? `${audit.path} (text: ${audit.privacy}; written ${audit.written}, dropped ${audit.dropped}, failed ${audit.failed})` : "off"]);
   const intents = Object.entries(m.by_intent).slice(0, 10)
     .map(([name, c]) => `${name}: ${OUTCOMES.map((o) => c[o] || 0).join("/")}`);

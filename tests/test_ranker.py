@@ -1,0 +1,165 @@
+"""Serving: loading and verification, decisions with evidence, pure scoring tables, no torch at run time."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_train import train_tiny, write_tiny_catalog
+
+from skill.artifacts import ModelError
+from skill.canonicalize import Canonicalizer
+from skill.catalog import load_catalog
+from skill.decision import Outcome
+from skill.ranker import Ranker
+from skill.scoring import Blend, Calibration, alternative_confidences, calibrate, knn_matrix, score_batch
+from tools._calib import expected_calibration_error, fit_blend, fit_calibration, ValBatch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Canonicalizer]:
+    """A tiny model and the canonicalizer of its catalog."""
+    tmp = tmp_path_factory.mktemp("ranker")
+    model = train_tiny(tmp)
+    return model, Canonicalizer(load_catalog(tmp / "catalog"))
+
+
+@pytest.fixture(scope="module")
+def ranker(tiny: tuple[Path, Canonicalizer]) -> Ranker:
+    """The tiny model, loaded."""
+    return Ranker.load(tiny[0])
+
+
+def test_decision_carries_evidence(ranker: Ranker, tiny: tuple[Path, Canonicalizer]) -> None:
+    canonical = tiny[1].canonicalize("please wake me up at 6:30", locale="en")
+    d = ranker.decide(canonical)
+    assert d.via == "neural" and d.slots == {}
+    assert d.outcome in (Outcome.ACCEPT, Outcome.REJECT)
+    assert 0.0 <= d.confidence <= 1.0
+    assert len(d.alternatives) <= 4 and d.intent not in {a.intent for a in d.alternatives}
+    assert sum(a.confidence for a in d.alternatives) <= 1.0 - d.confidence + 1e-6
+    ev = d.evidence
+    for key in ("softmax", "knn", "skill_prior", "matched_examples", "nearest_negative", "canonicalized_text"):
+        assert key in ev
+    assert ev["canonicalized_text"] == canonical.masked
+    assert isinstance(ev["matched_examples"], list)
+    assert ev["nearest_negative"] is not None and {"text", "similarity"} <= set(ev["nearest_negative"])
+
+
+@pytest.mark.parametrize(
+    ("text", "intent"),
+    [("set an alarm for 6", "alarm.set"), ("какая погода в берлине", "weather.get"), ("play some jazz", "music.play")],
+)
+def test_tiny_model_ranks_training_like_text(ranker: Ranker, tiny: tuple[Path, Canonicalizer], text: str, intent: str) -> None:
+    d = ranker.decide(tiny[1].canonicalize(text))
+    ranked = [d.intent] + [a.intent for a in d.alternatives]
+    assert intent in ranked[:2]
+
+
+def test_thresholds_and_info(ranker: Ranker) -> None:
+    assert ranker.thresholds == {"accept": 0.8, "reject": 0.45, "margin": 0.1}
+    info = ranker.info()
+    assert info["index_backend"] == "faiss.IndexFlatIP"
+    assert info["examples_total"] > 0 and info["negatives_total"] > 0 and info["intents"] == 4
+    assert info["onnx_threads"] == 1 and info["model_bytes"] > 0
+
+
+def test_decide_is_thread_safe(ranker: Ranker, tiny: tuple[Path, Canonicalizer]) -> None:
+    texts = ["set an alarm for 7", "weather in berlin", "play jazz", "timer for 3 minutes", "who won the game"] * 8
+    canon = [tiny[1].canonicalize(t) for t in texts]
+    serial = [(d.intent, d.confidence) for d in map(ranker.decide, canon)]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = [(d.intent, d.confidence) for d in pool.map(ranker.decide, canon)]
+    assert parallel == serial
+
+
+def _copy(model: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / model.name
+    shutil.copytree(model, dst)
+    return dst
+
+
+@pytest.mark.parametrize("victim", ["model.onnx", "faiss.index", "ranker_config.json", "vocab.json"])
+def test_corrupted_byte_is_refused(tiny: tuple[Path, Canonicalizer], tmp_path: Path, victim: str) -> None:
+    model = _copy(tiny[0], tmp_path)
+    data = bytearray((model / victim).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (model / victim).write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="damaged"):
+        Ranker.load(model)
+
+
+def test_unlisted_or_missing_files_are_refused(tiny: tuple[Path, Canonicalizer], tmp_path: Path) -> None:
+    model = _copy(tiny[0], tmp_path)
+    (model / "extra.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(ModelError, match="not listed"):
+        Ranker.load(model)
+    (model / "extra.json").unlink()
+    (model / "faiss_negatives.index").unlink()
+    with pytest.raises(ModelError, match="missing"):
+        Ranker.load(model)
+    with pytest.raises(ModelError, match="no manifest"):
+        Ranker.load(tmp_path / "nowhere")
+
+
+def test_serving_never_imports_torch(tiny: tuple[Path, Canonicalizer]) -> None:
+    code = (
+        "import sys; from pathlib import Path; from skill.ranker import Ranker; "
+        "from skill.canonicalize import Canonical; "
+        f"r = Ranker.load(Path({str(tiny[0])!r})); "
+        "d = r.decide(Canonical(text='x', normalized='play jazz', masked='play jazz', locale='en')); "
+        "bad = [m for m in ('torch', 'sklearn') if m in sys.modules]; "
+        "assert not bad, bad; print(d.intent)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+
+
+def test_knn_matrix_takes_best_per_intent() -> None:
+    sims = np.array([[0.9, 0.8, 0.5]], dtype=np.float32)
+    labels = np.array([[2, 0, 2]])
+    assert knn_matrix(sims, labels, 4)[0].tolist() == pytest.approx([0.8, 0.5, 0.9, 0.5])
+
+
+def test_alternatives_share_the_rest() -> None:
+    scores = np.log(np.array([0.6, 0.3, 0.1]))
+    alts = alternative_confidences(scores, 0, 0.8, 4)
+    assert [i for i, _ in alts] == [1, 2]
+    assert sum(c for _, c in alts) == pytest.approx(0.2)
+
+
+def test_blend_prefers_informative_knn() -> None:
+    rng = np.random.default_rng(0)
+    n, c = 400, 5
+    gold = rng.integers(0, c, n)
+    probs = rng.dirichlet(np.ones(c), n).astype(np.float32)  # softmax carries no signal here
+    labels = np.stack([gold, (gold + 1) % c], axis=1)
+    sims = np.tile(np.array([0.9, 0.4], dtype=np.float32), (n, 1))
+    blend, report = fit_blend(ValBatch(probs, sims, labels, None, gold), np.zeros(c, dtype=np.float32), 2)
+    assert blend.w_knn >= 4 and report["val_accuracy_blend"] > 0.9
+
+
+def test_calibration_is_calibrated() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4000, 6))
+    p_true = 1 / (1 + np.exp(-(1.5 * x[:, 0] - x[:, 1] + 0.3)))
+    y = rng.random(4000) < p_true
+    cal = fit_calibration(x, y)
+    conf = calibrate(x, cal)
+    assert expected_calibration_error(conf, y) < 0.03
+    assert isinstance(cal, Calibration)
+
+
+def test_score_batch_features_are_finite() -> None:
+    probs = np.array([[0.7, 0.2, 0.1]], dtype=np.float32)
+    sc = score_batch(probs, np.array([[0.8]], dtype=np.float32), np.array([[0]]), None, np.zeros(3), Blend(w_knn=1.0, k=1))
+    assert int(sc.top[0]) == 0 and np.isfinite(sc.features).all()
+    assert json.dumps(sc.features.tolist())

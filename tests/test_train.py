@@ -1,0 +1,217 @@
+"""Training: data readers and checks, a tiny end-to-end train, determinism, the embedded model's reproducibility."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import yaml
+
+from skill.artifacts import read_manifest, verify_model_dir
+from skill.catalog import load_catalog
+from tools import train as trainer
+from tools._data import DataError, Row, prepare, rows_from_catalog, rows_from_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY: dict[str, Any] = {
+    "schema_version": 1,
+    "owner": {"type": "skill", "id": "tiny"},
+    "intents": [
+        {
+            "intent": "alarm.set",
+            "description": {"en": "Set an alarm"},
+            "examples": {
+                "en": ["set an alarm for 7:30", "wake me up at 6 am", "alarm at eight please", "set alarm for 9",
+                       "please wake me at 7", "i need an alarm at 5:45", "create an alarm for noon"],
+                "ru": ["поставь будильник на 7:30", "разбуди меня в 6 утра", "заведи будильник на восемь",
+                       "будильник на девять", "разбуди в семь"],
+            },
+            "negatives": {"en": ["what alarms do i have"]},
+        },
+        {
+            "intent": "weather.get",
+            "description": {"en": "Weather"},
+            "prior": 0.5,
+            "examples": {
+                "en": ["what is the weather", "weather in berlin", "will it rain today", "is it cold outside",
+                       "how hot is it", "forecast for tomorrow", "do i need an umbrella"],
+                "ru": ["какая погода", "погода в москве", "будет ли дождь", "холодно ли на улице", "прогноз погоды"],
+            },
+        },
+        {
+            "intent": "music.play",
+            "description": {"en": "Play music"},
+            "examples": {
+                "en": ["play some music", "put on jazz", "play my playlist", "i want to hear rock", "start the music",
+                       "play a song", "music please"],
+                "ru": ["включи музыку", "поставь джаз", "включи плейлист", "хочу послушать рок", "играй песню"],
+            },
+        },
+        {
+            "intent": "timer.start",
+            "description": {"en": "Start a timer"},
+            "examples": {
+                "en": ["set a timer for 10 minutes", "timer for five minutes", "start a timer", "count down 3 minutes",
+                       "timer 20 minutes"],
+                "ru": ["поставь таймер на 10 минут", "таймер на пять минут", "засеки 3 минуты", "запусти таймер"],
+            },
+        },
+    ],
+    "out_of_scope": {
+        "en": ["tell me about your feelings", "who won the football game", "what is the meaning of life",
+               "how do i bake bread", "book a flight to paris"],
+        "ru": ["расскажи о своих чувствах", "кто выиграл матч", "как испечь хлеб", "в чем смысл жизни"],
+    },
+}
+
+
+def write_tiny_catalog(root: Path) -> Path:
+    """A catalog folder with the repo's entities and masking rules and four small intents."""
+    (root / "intents").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO / "catalog" / "entities", root / "entities", dirs_exist_ok=True)
+    if (REPO / "catalog" / "masking.yaml").exists():
+        shutil.copy(REPO / "catalog" / "masking.yaml", root / "masking.yaml")
+    (root / "intents" / "tiny.yaml").write_text(yaml.safe_dump(TINY, allow_unicode=True), encoding="utf-8")
+    return root
+
+
+def train_tiny(tmp: Path, seed: int = 13) -> Path:
+    """Train the tiny catalog through the CLI (catalog rows, oos rows used) into ``tmp/models``."""
+    catalog_dir = write_tiny_catalog(tmp / "catalog")
+    out = tmp / "models"
+    code = trainer.main(["--catalog", str(catalog_dir), "--out", str(out), "--seed", str(seed), "--quiet", "--activate"])
+    assert code == 0
+    pointer = json.loads((out / "active.json").read_text(encoding="utf-8"))
+    return out / pointer["model_id"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny model trained for this module."""
+    return train_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def test_tiny_model_folder_is_complete(tiny_model: Path) -> None:
+    manifest = verify_model_dir(tiny_model)
+    names = {f.path for f in manifest.files}
+    for required in ("model.onnx", "vocab.json", "faiss.index", "faiss_negatives.index", "intents_manifest.json",
+                     "masking_rules.json", "examples_manifest.jsonl", "ranker_config.json", "metrics.json"):
+        assert required in names
+    assert not any(n.endswith((".pt", ".pkl", ".pickle", ".bin")) for n in names)
+    assert manifest.model_id == tiny_model.name
+    assert manifest.model_id.startswith("node-default-") and len(manifest.model_id.rsplit("-", 1)[1]) == 8
+    assert manifest.seed == 13 and manifest.data_digest and manifest.code_version
+
+
+def test_export_agreement_is_recorded(tiny_model: Path) -> None:
+    metrics = json.loads((tiny_model / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["int8_fp32_top1_agreement"] >= 0.99
+    assert metrics["torch_onnx_max_abs_diff"] < 1e-3
+    assert metrics["int8_bytes"] < metrics["fp32_bytes"]
+
+
+def test_fitted_config_and_pointer(tiny_model: Path) -> None:
+    cfg = json.loads((tiny_model / "ranker_config.json").read_text(encoding="utf-8"))
+    assert cfg["thresholds"] == {"accept": 0.8, "reject": 0.45, "margin": 0.1}
+    assert set(cfg["blend"]) >= {"w_softmax", "w_knn", "w_prior"}
+    assert cfg["calibration"]["kind"] == "logistic"
+    assert cfg["intents"] == sorted(i["intent"] for i in TINY["intents"])
+    pointer = json.loads((tiny_model.parent / "active.json").read_text(encoding="utf-8"))
+    assert pointer == {"model_id": tiny_model.name, "previous": None}
+
+
+def test_training_is_deterministic(tiny_model: Path, tmp_path: Path) -> None:
+    again = train_tiny(tmp_path)
+    assert again.name == tiny_model.name  # same content hash
+    first = json.loads((tiny_model / "metrics.json").read_text(encoding="utf-8"))
+    second = json.loads((again / "metrics.json").read_text(encoding="utf-8"))
+    assert first["val_accuracy"] == second["val_accuracy"]
+
+
+def test_rows_from_catalog_split_is_deterministic(tmp_path: Path) -> None:
+    catalog = load_catalog(write_tiny_catalog(tmp_path / "catalog"))
+    train, val = rows_from_catalog(catalog)
+    assert (train, val) == rows_from_catalog(catalog)
+    assert {r.split for r in train} == {"train"} and {r.split for r in val} == {"val"}
+    assert {r.intent for r in val} >= {"alarm.set", "weather.get", "oos"}
+    oos = [r for r in train + val if r.intent == "oos"]
+    assert len(oos) == 10  # 9 out_of_scope + 1 negative
+
+
+def test_rows_from_jsonl_reads_bench_and_hub_rows(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    lines = [
+        {"text": "play jazz", "intent": "music.play", "lang": "en", "split": "train"},
+        {"schema_version": 1, "intent": "alarm.set", "text": "wake me at [7:30](time)", "split": "val",
+         "owner": {"type": "skill", "id": "x"}, "source": "teacher", "example_id": "e1"},
+        {"text": "meaning of life", "intent": "oos", "lang": "en", "split": "test"},
+    ]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n", encoding="utf-8")
+    rows = rows_from_jsonl(path)
+    assert rows == [Row("play jazz", "music.play", "en", "train"), Row("wake me at 7:30", "alarm.set", "", "val"),
+                    Row("meaning of life", "oos", "en", "test")]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", "invalid JSON"),
+        ('["a"]', "JSON object"),
+        ('{"intent": "a.b"}', "'text'"),
+        ('{"text": "hi"}', "'intent'"),
+        ('{"text": "hi", "intent": "bad name"}', "bad intent name"),
+        ('{"text": "hi", "intent": "a.b", "split": "dev"}', "split"),
+        ('{"text": "hi", "intent": "a.b", "schema_version": 2}', "schema_version"),
+    ],
+)
+def test_rows_from_jsonl_names_the_bad_line(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok", "intent": "a.b"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"bad\.jsonl:2: .*{message}"):
+        rows_from_jsonl(path)
+
+
+def _pairs(rows: list[Row]) -> list[tuple[Row, str]]:
+    return [(r, r.text) for r in rows]
+
+
+def test_prepare_reports_bad_data(tmp_path: Path) -> None:
+    catalog = load_catalog(write_tiny_catalog(tmp_path / "catalog"))
+    train = [Row("a b", "x.one"), Row("c d", "x.two"), Row("same", "x.one"), Row("same", "x.two"), Row("c d", "x.two")]
+    prep = prepare(_pairs(train), _pairs([Row("a b", "x.one", split="val")]), catalog, False)
+    assert prep.report.conflicts and prep.report.duplicates_dropped == 1
+    assert prep.train_texts == ["a b", "c d"]
+    with pytest.raises(DataError, match="no training rows: \\['x.three'\\]"):
+        prepare(_pairs(train), _pairs([Row("q", "x.three", split="val")]), catalog, False)
+    with pytest.raises(DataError, match="at least two intents"):
+        prepare(_pairs([Row("a", "x.one")]), _pairs([Row("a", "x.one")]), catalog, False)
+    with pytest.raises(DataError, match="no validation rows"):
+        prepare(_pairs(train), [], catalog, False)
+    with pytest.raises(DataError, match="empty after canonicalization"):
+        prepare([(Row("!!", "x.one"), "")] + _pairs(train), _pairs([Row("a b", "x.one")]), catalog, False)
+
+
+@pytest.mark.slow
+def test_embedded_model_is_reproducible(tmp_path: Path) -> None:
+    """Retraining from the catalog reaches the committed model's validation accuracy within 1 point."""
+    pointer = REPO / "models" / "active.json"
+    if not pointer.is_file():
+        pytest.skip("no embedded model committed yet")
+    committed = REPO / "models" / json.loads(pointer.read_text(encoding="utf-8"))["model_id"]
+    manifest = read_manifest(committed)
+    catalog = load_catalog(REPO / "catalog")
+    train, val = rows_from_catalog(catalog)
+    from tools._data import data_digest  # noqa: PLC0415
+
+    if data_digest(train + val) != manifest.data_digest:
+        pytest.skip("catalog changed since the embedded model was trained: run python -m tools.train --activate")
+    path = trainer.train_model(train, val, tmp_path, catalog=catalog, seed=manifest.seed, progress=False,
+                               use_oos_train=True)
+    new = msgspec.json.decode((path / "metrics.json").read_bytes())
+    old = msgspec.json.decode((committed / "metrics.json").read_bytes())
+    assert new["val_accuracy"] >= old["val_accuracy"] - 0.01

@@ -1,0 +1,207 @@
+"""Training rows: from the catalog, from bench / hub-export JSONL, and their validation after canonicalization."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import msgspec
+
+from skill.catalog import Catalog
+
+_LOGGER = logging.getLogger(__name__)
+
+OOS = "oos"
+SPLITS = ("train", "val", "test")
+VAL_EVERY = 5  # catalog split: every 5th example of an (intent, locale) list goes to val...
+VAL_MIN = 4  # ...when the list has at least this many examples
+_RASA_MARKUP = re.compile(r"\[([^\]]*)\]\([^)]*\)")
+_BAD_NAME = re.compile(r"\s")
+
+
+class DataError(ValueError):
+    """Training data is unusable; the message says which rows and why."""
+
+
+class Row(msgspec.Struct, frozen=True):
+    """One training row; intent ``"oos"`` marks an out-of-scope utterance."""
+
+    text: str
+    intent: str
+    locale: str = ""
+    split: str = "train"
+
+
+class DataReport(msgspec.Struct):
+    """What validation found and dropped (stored in metrics.json)."""
+
+    train_rows: int = 0
+    val_rows: int = 0
+    oos_train: int = 0
+    oos_val: int = 0
+    duplicates_dropped: int = 0
+    conflicts: list[str] = msgspec.field(default_factory=list)
+    oos_conflicts: int = 0
+    intents_not_in_catalog: int = 0
+
+
+def _split_list(items: list[str]) -> list[tuple[str, str]]:
+    if len(items) < VAL_MIN:
+        return [(t, "train") for t in items]
+    return [(t, "val" if i % VAL_EVERY == VAL_EVERY - 1 else "train") for i, t in enumerate(items)]
+
+
+def rows_from_catalog(catalog: Catalog) -> tuple[list[Row], list[Row]]:
+    """Deterministic (train, val) split of the catalog's examples; negatives and out_of_scope become ``oos`` rows."""
+    train: list[Row] = []
+    val: list[Row] = []
+    for name, intent in catalog.intents.items():
+        for locale, texts in intent.examples.items():
+            for text, split in _split_list(list(texts)):
+                (val if split == "val" else train).append(Row(text, name, locale, split))
+    negatives: dict[str, list[str]] = defaultdict(list)
+    for ex in catalog.negatives():
+        negatives[ex.locale].append(ex.text)
+    for locale in sorted(negatives):
+        for text, split in _split_list(negatives[locale]):
+            (val if split == "val" else train).append(Row(text, OOS, locale, split))
+    return train, val
+
+
+def _field(obj: dict[str, object], key: str, where: str, required: bool = True) -> str:
+    value = obj.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: field {key!r} must be a non-empty string")
+    return value.strip()
+
+
+def rows_from_jsonl(path: Path | str) -> list[Row]:
+    """Rows of a bench file ``{text, intent, lang, split}`` or an AdaOS hub export ``{schema_version, intent, text, split, owner, ...}``."""
+    path = Path(path)
+    rows: list[Row] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read: {exc}") from exc
+    for n, line in enumerate(lines, 1):
+        where = f"{path}:{n}"
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: invalid JSON: {exc.msg}") from exc
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object")
+        if obj.get("schema_version", 1) != 1:
+            raise DataError(f"{where}: unsupported schema_version {obj.get('schema_version')!r}")
+        text = _RASA_MARKUP.sub(r"\1", _field(obj, "text", where))
+        intent = _field(obj, "intent", where)
+        if _BAD_NAME.search(intent):
+            raise DataError(f"{where}: bad intent name {intent!r}")
+        split = obj.get("split") or "train"
+        if split not in SPLITS:
+            raise DataError(f"{where}: split must be one of {SPLITS}, not {split!r}")
+        locale = _field(obj, "lang", where, False) or _field(obj, "locale", where, False)
+        rows.append(Row(text=text, intent=intent, locale=locale, split=str(split)))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+class Prepared(msgspec.Struct):
+    """Canonicalized, checked training data."""
+
+    intents: list[str]
+    train_texts: list[str]
+    train_labels: list[int]  # -1 = oos
+    train_locales: list[str]
+    val_texts: list[str]
+    val_labels: list[int]
+    report: DataReport
+
+
+def prepare(
+    train: list[tuple[Row, str]], val: list[tuple[Row, str]], catalog: Catalog, use_oos_train: bool
+) -> Prepared:
+    """Check (row, masked text) pairs: bad names, empty classes, unknown val intents; drop duplicates and conflicts."""
+    report = DataReport()
+    for row, masked in train + val:
+        if not masked.strip():
+            raise DataError(f"row {row.text!r} ({row.intent}) is empty after canonicalization")
+        if not row.intent or _BAD_NAME.search(row.intent):
+            raise DataError(f"bad intent name {row.intent!r} (text {row.text!r})")
+    by_text: dict[str, set[str]] = defaultdict(set)
+    for row, masked in train:
+        by_text[masked].add(row.intent)
+    conflicts = {t for t, names in by_text.items() if len(names - {OOS}) > 1}
+    if conflicts:
+        report.conflicts = sorted(f"{t!r}: {sorted(by_text[t])}" for t in conflicts)
+        _LOGGER.warning("%d texts appear under several intents; dropped: %s", len(conflicts), report.conflicts[:10])
+    intents = sorted({row.intent for row, _ in train if row.intent != OOS and row.intent})
+    seen: set[tuple[str, str]] = set()
+    texts: list[str] = []
+    labels: list[int] = []
+    locales: list[str] = []
+    index = {name: i for i, name in enumerate(intents)}
+    for row, masked in train:
+        if masked in conflicts:
+            continue
+        if row.intent == OOS and (by_text[masked] - {OOS}):
+            report.oos_conflicts += 1
+            continue
+        if (masked, row.intent) in seen:
+            report.duplicates_dropped += 1
+            continue
+        seen.add((masked, row.intent))
+        if row.intent == OOS:
+            report.oos_train += 1
+            if not use_oos_train:
+                continue
+        texts.append(masked)
+        labels.append(index.get(row.intent, -1))
+        locales.append(row.locale)
+    counts = defaultdict(int)
+    for label in labels:
+        counts[label] += 1
+    empty = [name for name in intents if counts[index[name]] == 0]
+    if empty:
+        raise DataError(f"intents with no training rows left (all duplicates or conflicts): {empty}")
+    if len(intents) < 2:
+        raise DataError(f"need at least two intents with training rows, got {intents}")
+    unknown = sorted({row.intent for row, _ in val if row.intent != OOS and row.intent not in index})
+    if unknown:
+        raise DataError(f"validation rows name intents that have no training rows: {unknown[:20]}")
+    if not val:
+        raise DataError("no validation rows: blend weights and calibration are fitted on val")
+    missing = sorted(set(catalog.intents) - set(intents))
+    outside = [name for name in intents if name not in catalog.intents]
+    report.intents_not_in_catalog = len(outside)
+    if missing and not outside:
+        _LOGGER.warning("catalog intents absent from the training data: %s", missing[:20])
+    report.train_rows = len(texts)
+    report.val_rows = len(val)
+    report.oos_val = sum(1 for row, _ in val if row.intent == OOS)
+    return Prepared(
+        intents=intents,
+        train_texts=texts,
+        train_labels=labels,
+        train_locales=locales,
+        val_texts=[m for _, m in val],
+        val_labels=[index.get(row.intent, -1) for row, _ in val],
+        report=report,
+    )
+
+
+def data_digest(rows: list[Row]) -> str:
+    """sha256 over the rows in a canonical order (what the model was trained and fitted on)."""
+    h = hashlib.sha256()
+    for row in sorted(rows, key=lambda r: (r.split, r.intent, r.locale, r.text)):
+        h.update(msgspec.json.encode(row) + b"\n")
+    return h.hexdigest()

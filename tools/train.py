@@ -1,0 +1,288 @@
+"""Train the neural ranker: canonicalize, fit the encoder, export int8 ONNX, build indexes, fit blend + calibration."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import faiss
+import msgspec
+import numpy as np
+
+from skill.artifacts import write_manifest
+from skill.canonicalize import Canonicalizer
+from skill.catalog import Catalog, load_catalog
+from skill.features import VOCAB_NAME, Featurizer, build_vocab
+from skill.ranker import ExampleRow, IntentInfo, RankerConfig
+from skill.scoring import calibrate, log_priors, score_batch
+
+from ._calib import ValBatch, expected_calibration_error, fit_all
+from ._data import OOS, DataError, Prepared, Row, data_digest, prepare, rows_from_catalog, rows_from_jsonl
+from ._loop import TrainConfig, fit_net
+from .export import export_int8, run_batched, session
+
+__all__ = ["DataError", "Row", "TrainConfig", "main", "rows_from_catalog", "rows_from_jsonl", "train_model"]
+
+_LOGGER = logging.getLogger(__name__)
+
+THRESHOLDS = {"accept": 0.80, "reject": 0.45, "margin": 0.10}
+CONTENT_FILES = ("model.onnx", VOCAB_NAME, "faiss.index", "faiss_negatives.index", "ranker_config.json",
+                 "intents_manifest.json", "examples_manifest.jsonl", "masking_rules.json")
+CODE_FILES = ("tools/train.py", "tools/_data.py", "tools/_loop.py", "tools/_model.py", "tools/_augment.py",
+              "tools/_calib.py", "tools/export.py", "skill/features.py", "skill/scoring.py", "skill/ranker.py")
+
+
+def code_version() -> str:
+    """sha256 (12 hex) of the training and scoring code."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for rel in CODE_FILES:
+        path = root / rel
+        if path.is_file():
+            h.update(rel.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve (ties averaged); None without both classes."""
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return None
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def _coverage(conf: np.ndarray, correct: np.ndarray, precision: float = 0.99) -> float:
+    """Largest share of rows acceptable (by descending confidence) with accepted precision >= ``precision``."""
+    order = np.argsort(-conf, kind="mergesort")
+    prec = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
+    ok = np.nonzero(prec >= precision)[0]
+    return float((ok.max() + 1) / len(order)) if len(ok) else 0.0
+
+
+def _write_json(path: Path, obj: object) -> None:
+    path.write_bytes(json.dumps(msgspec.to_builtins(obj), ensure_ascii=False, indent=1, sort_keys=True).encode())
+
+
+def _index(vectors: np.ndarray, dim: int) -> faiss.IndexFlatIP:
+    index = faiss.IndexFlatIP(dim)
+    if len(vectors):
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index
+
+
+def _canonical(rows: list[Row], canon: Canonicalizer) -> list[tuple[Row, str]]:
+    return [(row, canon.canonicalize(row.text, locale=row.locale or None).masked) for row in rows]
+
+
+def _intent_infos(prep: Prepared, catalog: Catalog) -> list[IntentInfo]:
+    counts = Counter(prep.train_labels)
+    locales: dict[int, set[str]] = {}
+    for label, locale in zip(prep.train_labels, prep.train_locales, strict=True):
+        locales.setdefault(label, set()).add(locale)
+    out = []
+    for i, name in enumerate(prep.intents):
+        spec = catalog.intents.get(name)
+        out.append(
+            IntentInfo(
+                intent=name,
+                prior=spec.prior if spec else 1.0,
+                owner=catalog.owners[name].id if spec else "",
+                risky=spec.risky if spec else False,
+                examples=counts[i],
+                locales=sorted(x for x in locales.get(i, set()) if x),
+            )
+        )
+    return out
+
+
+def train_model(
+    train_rows: list[Row],
+    val_rows: list[Row],
+    out_root: Path,
+    *,
+    catalog: Catalog,
+    seed: int = 13,
+    name: str = "node-default",
+    progress: bool = True,
+    use_oos_train: bool = False,
+    config: TrainConfig | None = None,
+) -> Path:
+    """Train, export, index, fit and write a complete model folder ``out_root/<model_id>``; return its path."""
+    started = time.monotonic()
+    cfg = config or TrainConfig()
+    canon = Canonicalizer(catalog)
+    train = _canonical([r for r in train_rows if r.split != "test"], canon)
+    val = _canonical([r for r in val_rows if r.split != "test"], canon)
+    prep = prepare(train, val, catalog, use_oos_train)
+    _LOGGER.info("training on %d rows, %d intents, %d val rows", len(prep.train_texts), len(prep.intents), len(val))
+    vocab = build_vocab(prep.train_texts)
+    feat = Featurizer(vocab)
+    net = fit_net(feat, prep.train_texts, prep.train_labels, len(prep.intents), seed=seed, cfg=cfg, progress=progress)
+    train_seconds = time.monotonic() - started
+
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".train-", dir=out_root))
+    try:
+        val_in = [t for t, y in zip(prep.val_texts, prep.val_labels, strict=True) if y >= 0]
+        export_report = export_int8(net, feat, work / "model.onnx", val_in or prep.train_texts, threads=cfg.threads)
+        sess = session(work / "model.onnx", cfg.threads)
+        dim = net.cfg.proj_dim
+        pos_idx = [i for i, y in enumerate(prep.train_labels) if y >= 0]
+        neg_idx = [i for i, y in enumerate(prep.train_labels) if y < 0]
+        _, emb = run_batched(sess, feat, prep.train_texts)
+        index = _index(emb[pos_idx], dim)
+        negatives = _index(emb[neg_idx], dim) if neg_idx else None
+        faiss.write_index(index, str(work / "faiss.index"))
+        if negatives is not None:
+            faiss.write_index(negatives, str(work / "faiss_negatives.index"))
+
+        labels = np.asarray([prep.train_labels[i] for i in pos_idx], dtype=np.int64)
+        val_probs, val_emb = run_batched(sess, feat, prep.val_texts)
+        k = min(10, index.ntotal)
+        sims, rows = index.search(val_emb, k)
+        neg_sims = negatives.search(val_emb, 1)[0][:, 0] if negatives is not None else None
+        gold = np.asarray(prep.val_labels, dtype=np.int64)
+        batch = ValBatch(probs=val_probs, sims=sims, labels=labels[rows], neg_sims=neg_sims, gold=gold)
+        infos = _intent_infos(prep, catalog)
+        log_prior = log_priors([i.prior for i in infos])
+        blend, cal, neg_margin, fit_report = fit_all(batch, log_prior, k)
+
+        sc = score_batch(val_probs, sims, labels[rows], neg_sims, log_prior, blend)
+        conf = calibrate(sc.features, cal)
+        correct = sc.top == gold
+        inside = gold >= 0
+        metrics: dict[str, object] = {
+            "val_accuracy": float(correct[inside].mean()) if inside.any() else None,
+            "val_accuracy_softmax": float((val_probs.argmax(1) == gold)[inside].mean()) if inside.any() else None,
+            "val_auroc_oos": _auroc(conf, inside),
+            "val_coverage_at_99": _coverage(conf, correct),
+            "val_ece": expected_calibration_error(conf, correct),
+            "val_rows": int(len(gold)),
+            "val_oos_rows": int((~inside).sum()),
+            "train_seconds": round(train_seconds, 1),
+            **{key: round(v, 6) for key, v in fit_report.items()},
+            **export_report,
+            "data": msgspec.to_builtins(prep.report),
+        }
+
+        pos_rows = [
+            ExampleRow("positive", n, prep.train_texts[i], prep.intents[prep.train_labels[i]], prep.train_locales[i])
+            for n, i in enumerate(pos_idx)
+        ]
+        neg_rows = [ExampleRow("negative", n, prep.train_texts[i], OOS, prep.train_locales[i]) for n, i in enumerate(neg_idx)]
+        (work / "examples_manifest.jsonl").write_bytes(b"".join(msgspec.json.encode(r) + b"\n" for r in pos_rows + neg_rows))
+        (work / VOCAB_NAME).write_bytes(msgspec.json.encode(vocab))
+        _write_json(work / "intents_manifest.json", infos)
+        _write_json(work / "masking_rules.json", canon.rules())
+        train_info = {**msgspec.to_builtins(cfg), "seed": seed, "use_oos_train": use_oos_train}
+        ranker_cfg = RankerConfig(
+            intents=prep.intents, blend=blend, calibration=cal, neg_margin=neg_margin, thresholds=dict(THRESHOLDS),
+            net=msgspec.to_builtins(net.cfg), train=train_info,
+        )
+        _write_json(work / "ranker_config.json", ranker_cfg)
+
+        content = hashlib.sha256()
+        for fname in CONTENT_FILES:
+            if (work / fname).is_file():
+                content.update(fname.encode() + b"\0" + (work / fname).read_bytes())
+        model_id = f"{name}-{dt.datetime.now(dt.timezone.utc):%Y%m%d}-{content.hexdigest()[:8]}"
+        metrics["model_bytes"] = (work / "model.onnx").stat().st_size
+        metrics["total_seconds"] = round(time.monotonic() - started, 1)
+        _write_json(work / "metrics.json", metrics)
+        all_rows = list(train_rows) + list(val_rows)
+        write_manifest(
+            work,
+            model_id=model_id,
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            data_digest=data_digest(all_rows),
+            seed=seed,
+            code_version=code_version(),
+            metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
+            thresholds=dict(THRESHOLDS),
+        )
+        final = out_root / model_id
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(work, final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    _LOGGER.info("model %s written (val accuracy %s, %.1f s)", model_id, metrics["val_accuracy"], metrics["total_seconds"])
+    return final
+
+
+def activate(out_root: Path, model_id: str) -> None:
+    """Point ``out_root/active.json`` at ``model_id`` atomically, remembering the previous one."""
+    pointer = out_root / "active.json"
+    previous = None
+    if pointer.is_file():
+        try:
+            old = json.loads(pointer.read_text(encoding="utf-8"))
+            previous = old.get("model_id") if old.get("model_id") != model_id else old.get("previous")
+        except (ValueError, AttributeError):
+            _LOGGER.warning("%s is unreadable; overwriting it", pointer)
+    tmp = pointer.with_name(".active.json.tmp")
+    tmp.write_text(json.dumps({"model_id": model_id, "previous": previous}, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, pointer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``python -m tools.train [--catalog DIR] [--data FILE.jsonl] [--out DIR] [--seed N] [--name NAME] [--activate]``."""
+    parser = argparse.ArgumentParser(prog="python -m tools.train", description=__doc__)
+    parser.add_argument("--catalog", default="catalog", help="catalog directory (canonicalization; default data)")
+    parser.add_argument("--data", help="JSONL rows (bench format or AdaOS hub export) instead of the catalog")
+    parser.add_argument("--out", default="models", help="models root; the model goes to OUT/<model_id>/")
+    parser.add_argument("--seed", type=int, default=13)
+    parser.add_argument("--name", default="node-default")
+    parser.add_argument("--activate", action="store_true", help="point OUT/active.json at the new model")
+    parser.add_argument(
+        "--use-oos-train", action=argparse.BooleanOptionalAction, default=None,
+        help="train on oos rows (outlier exposure + negatives index); default: on for the catalog, off for --data",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        catalog = load_catalog(args.catalog)
+        if args.data:
+            rows = rows_from_jsonl(args.data)
+            train = [r for r in rows if r.split == "train"]
+            val = [r for r in rows if r.split == "val"]
+        else:
+            train, val = rows_from_catalog(catalog)
+        use_oos = args.use_oos_train if args.use_oos_train is not None else not args.data
+        path = train_model(train, val, Path(args.out), catalog=catalog, seed=args.seed, name=args.name,
+                           progress=not args.quiet, use_oos_train=use_oos)
+    except (DataError, ValueError) as exc:
+        _LOGGER.error("%s", exc)
+        return 2
+    if args.activate:
+        activate(Path(args.out), path.name)
+        _LOGGER.info("activated %s", path.name)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
