@@ -12,6 +12,7 @@ from aiohttp import web
 
 from .app import create_app
 from .config import ConfigError, load_config
+from .security import is_loopback
 from .service import ServiceState
 
 _LOGGER = logging.getLogger(__name__)
@@ -33,6 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def serve(state: ServiceState) -> None:
     """Serve until SIGTERM/SIGINT, then drain in-flight requests and exit."""
+    cfg = state.config
+    if not cfg.api_token and not is_loopback(cfg.host if cfg.host != "localhost" else "127.0.0.1"):
+        _LOGGER.warning(
+            "bound to %s without NLU_API_TOKEN: /parse and /metrics are open to the network "
+            "(/reindex stays loopback-only)", cfg.host,
+        )
     app = create_app(state)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()

@@ -15,6 +15,8 @@ from aiohttp import web
 
 from .audit import DecisionLog
 from .contracts import BadRequest, ParseRequest, ReindexRequest, pick_locale, wire_result
+from .openapi import openapi_document
+from .security import authorize
 from .service import ServiceState
 from .telemetry import Telemetry
 from .ui import StatusPage
@@ -65,6 +67,26 @@ async def error_middleware(
     except Exception:  # noqa: BLE001 - last resort: a bug is a 500 with a logged trace
         _LOGGER.exception("unhandled error on %s %s", request.method, request.path)
         return json_response(error_body("internal_error", "internal error; see the service log"), 500)
+
+
+@web.middleware
+async def auth_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Bearer token when configured; model changes only from loopback otherwise."""
+    denied = authorize(
+        request.path, request.remote, request.headers.get("Authorization"), request.app[STATE].config.api_token
+    )
+    if denied == "unauthorized":
+        return json_response(error_body(denied, "a valid 'Authorization: Bearer <token>' header is required"), 401)
+    if denied is not None:
+        return json_response(error_body(denied, "only loopback callers may do this without a token"), 403)
+    return await handler(request)
+
+
+async def handle_openapi(request: web.Request) -> web.Response:
+    """``GET /openapi.json``."""
+    return json_response(openapi_document())
 
 
 async def _read_json(request: web.Request, typ: type[Any], *, allow_empty: bool = False) -> Any:
@@ -183,7 +205,7 @@ async def _shutdown(app: web.Application) -> None:
 def create_app(state: ServiceState) -> web.Application:
     """The app owns the state and the executor; nothing lives in module globals."""
     app = web.Application(
-        middlewares=[error_middleware], client_max_size=state.config.max_body_bytes
+        middlewares=[error_middleware, auth_middleware], client_max_size=state.config.max_body_bytes
     )
     app[STATE] = state
     app[EXECUTOR] = ThreadPoolExecutor(max_workers=state.config.workers, thread_name_prefix="nlu")
@@ -194,6 +216,7 @@ def create_app(state: ServiceState) -> web.Application:
     app.router.add_post("/parse", handle_parse)
     app.router.add_get("/health", handle_health)
     app.router.add_post("/reindex", handle_reindex)
+    app.router.add_get("/openapi.json", handle_openapi)
     app.router.add_get("/metrics", app[TELEMETRY].handle_metrics)
     StatusPage(state, app[TELEMETRY], app[DECISIONS]).register(app.router)
     app.cleanup_ctx.append(app[DECISIONS].lifespan)

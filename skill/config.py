@@ -43,6 +43,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     llm_threads: int = 2
     watch_pointer: bool = True
     log_level: str = "INFO"
+    api_token: str | None = None  # when set, /parse, /reindex and /metrics need "Authorization: Bearer <token>"
     audit_enabled: bool = True  # the decision audit log (JSON lines, rotated by size)
     audit_dir: str = ""  # "" = derived from ADAOS_LOGS_DIR or the platform log dir
     audit_text: Literal["text", "hash", "none"] = "text"  # what the log keeps of the input (privacy)
@@ -71,6 +72,7 @@ _ENV: dict[str, str] = {
     "NLU_CATALOG_DIR": "catalog_dir",
     "NLU_LLM_MODEL": "llm_model",
     "NLU_ONNX_THREADS": "onnx_threads",
+    "NLU_API_TOKEN": "api_token",
     "ADAOS_LOGS_DIR": "audit_dir",
     "NLU_AUDIT_ENABLED": "audit_enabled",
     "NLU_AUDIT_TEXT": "audit_text",

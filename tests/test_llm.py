@@ -52,6 +52,7 @@ def stage_factory(tmp_path: Path, catalog: Catalog, make_config: Callable[..., C
 
     def _make(prefer: dict[str, float] | None = None, seed: int = 0, **cfg: Any) -> LlmStage:
         path = write_tiny_gguf(tmp_path / f"tiny-{seed}-{len(stages)}.gguf", seed=seed, prefer=prefer)
+        cfg.setdefault("llm_threads", 1)  # two threads on a busy 2-core box spin in barriers
         stage = LlmStage.load(make_config(llm_model=str(path), **cfg), catalog)
         stages.append(stage)
         return stage
@@ -138,7 +139,7 @@ def test_repo_catalog_grammar_compiles_and_constrains_free_sampling(tmp_path: Pa
     repo = load_catalog(REPO / "catalog")
     shape = AnswerShape.from_catalog(repo)
     grammar = LlamaGrammar.from_string(gbnf(shape), verbose=False)
-    llm = Llama(str(write_tiny_gguf(tmp_path / "r.gguf", seed=3)), n_ctx=1024, verbose=False)
+    llm = Llama(str(write_tiny_gguf(tmp_path / "r.gguf", seed=3)), n_ctx=1024, n_threads=1, verbose=False)
     for seed in range(4):  # llama.cpp's own sampler, temperature 1: whatever it samples must parse
         llm.set_seed(seed)
         out = llm.create_completion("x", max_tokens=shape.max_answer_bytes() + 8, temperature=1.0,
@@ -202,7 +203,7 @@ def test_temperature_comes_from_the_sidecar(
 ) -> None:
     path = write_tiny_gguf(tmp_path / "t.gguf", prefer=SAYS_ALARM)
     (tmp_path / "t.gguf.nlu.json").write_text(json.dumps({"temperature": 10.0}))
-    stage = LlmStage.load(make_config(llm_model=str(path)), catalog)
+    stage = LlmStage.load(make_config(llm_model=str(path), llm_threads=1), catalog)
     d = stage.decide_fallback(canon(catalog, "разбуди меня"), proposal())
     stage.close()
     assert d.intent == "alarm.set" and d.evidence["temperature"] == 10.0
@@ -312,7 +313,7 @@ def test_missing_or_broken_model_disables_the_stage_and_health_says_why(
     path = tmp_path / "model.gguf"
     if content is not None:
         path.write_bytes(content)
-    cfg = make_config(catalog_dir=str(mini_catalog), llm_model=str(path))
+    cfg = make_config(catalog_dir=str(mini_catalog), llm_model=str(path), llm_threads=1)
     with pytest.raises((OSError, ValueError), match=error):
         LlmStage.load(cfg, load_catalog(mini_catalog))
     state = ServiceState(cfg)
@@ -326,7 +327,7 @@ def test_service_loads_the_stage_when_configured(
     tmp_path: Path, mini_catalog: Path, make_config: Callable[..., Config]
 ) -> None:
     path = write_tiny_gguf(tmp_path / "tiny.gguf", prefer=SAYS_ALARM)
-    state = ServiceState(make_config(catalog_dir=str(mini_catalog), llm_model=str(path)))
+    state = ServiceState(make_config(catalog_dir=str(mini_catalog), llm_model=str(path), llm_threads=1))
     state.load()
     assert state.health()["stages"]["llm"] == {"ready": True, "detail": "tiny.gguf"}
     assert isinstance(state.pipeline.llm, LlmStage) if state.pipeline else False
