@@ -40,7 +40,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     llm_model: str | None = None
     llm_budget_ms: int = 1500
     llm_queue: int = 4
-    llm_threads: int = 2
+    llm_threads: int = 1  # more threads than free cores makes llama.cpp far slower, not faster
     watch_pointer: bool = True
     log_level: str = "INFO"
     api_token: str | None = None  # when set, /parse, /reindex and /metrics need "Authorization: Bearer <token>"

@@ -21,6 +21,7 @@ from .llm_grammar import (
     ANSWER_OPEN,
     NONE,
     AnswerShape,
+    LlmSettings,
     NameStep,
     fixed_prompt,
     gbnf,
@@ -37,40 +38,15 @@ if TYPE_CHECKING:
 _LOGGER = logging.getLogger(__name__)
 VIA = "llm"
 _SENTINEL = "\u2063REQUEST\u2063"  # marks where the per-request text goes inside the chat template
-
-
-class LlmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Per-model knobs, read from ``<model>.gguf.nlu.json`` beside the GGUF file when it exists.
-
-    ``temperature`` calibrates the confidence (softmax of the grammar-admitted logits divided by it);
-    fit it like the ranker's: minimise the negative log-likelihood of the true intent over held-out
-    requests the ranker abstained on.
-    """
-
-    temperature: float = 1.0
-    n_ctx: int = 4096
-    n_batch: int = 64  # also the granularity of budget checks while the request's prompt is evaluated
-    max_candidates: int = 4
-    examples_per_candidate: int = 2
-    max_value_chars: int = 32
-
-    @classmethod
-    def for_model(cls, model: Path) -> LlmSettings:
-        """Defaults, overridden by the sidecar file if present (unknown keys are errors)."""
-        sidecar = model.with_name(model.name + ".nlu.json")
-        if not sidecar.exists():
-            return cls()
-        try:
-            settings = msgspec.json.decode(sidecar.read_bytes(), type=cls)
-        except msgspec.ValidationError as exc:
-            raise ValueError(f"{sidecar}: {exc}") from exc
-        if settings.temperature <= 0:
-            raise ValueError(f"{sidecar}: temperature must be > 0")
-        return settings
+_MIN_REQUEST_TOKENS = 256
 
 
 class _Timeout(Exception):
     """The request's budget ran out."""
+
+
+class _TooLong(Exception):
+    """The request does not fit the context after the cached prefix."""
 
 
 class _Generation(msgspec.Struct, frozen=True):
@@ -120,10 +96,17 @@ class LlmStage:
         self._pending = 0
         head, self._tail = self._frame(fixed_prompt(catalog))
         self._prefix = llm.tokenize(head.encode(), add_bos=True, special=True)
+        self.max_answer_tokens = self.shape.max_answer_bytes() + 4
+        room = settings.n_ctx - len(self._prefix) - self.max_answer_tokens
+        if room < _MIN_REQUEST_TOKENS:
+            raise ValueError(
+                f"n_ctx={settings.n_ctx} leaves {room} tokens for a request after the "
+                f"{len(self._prefix)}-token catalog prompt: raise n_ctx in the .nlu.json sidecar"
+            )
         started = time.perf_counter()
         self._eval_prefix()
         self.prefix_ms = (time.perf_counter() - started) * 1000.0
-        self.max_answer_tokens = self.shape.max_answer_bytes() + 4
+        self._tokens_for(b'", "slots": {}}')  # builds the piece table now if the tokenizer needs it
 
     @classmethod
     def load(cls, config: Config, catalog: Catalog) -> LlmStage:
@@ -171,16 +154,6 @@ class LlmStage:
                 self._grammar = None
             self._llm.close()
 
-    def info(self) -> dict[str, Any]:
-        """What /health or a bench may show about the stage."""
-        return {
-            "model": self.model_name,
-            "prefix_tokens": len(self._prefix),
-            "budget_ms": round(self.budget_s * 1000),
-            "queue": self.queue,
-            "temperature": self.settings.temperature,
-        }
-
     # --- the FallbackStage protocol ---------------------------------------------------------------
 
     def decide_fallback(self, canonical: Canonical, proposal: Decision) -> Decision:
@@ -208,6 +181,8 @@ class LlmStage:
                 self._slot.release()
         except _Timeout:
             return self._timeout(started, "generating")
+        except _TooLong:
+            return Decision.abstain(VIA, "llm_prompt_too_long", {"n_ctx": self.settings.n_ctx})
         except Exception as exc:  # noqa: BLE001 - a failed generation is an error decision, not a crash
             _LOGGER.exception("LLM generation failed")
             return Decision(
@@ -359,7 +334,7 @@ class LlmStage:
         suffix = llm.tokenize(request.encode(), add_bos=False, special=False)
         suffix += llm.tokenize(self._tail.encode(), add_bos=False, special=True)
         if len(self._prefix) + len(suffix) + self.max_answer_tokens > self.settings.n_ctx:
-            raise ValueError(f"request too long for n_ctx={self.settings.n_ctx}")
+            raise _TooLong
         self._rewind()
         self._eval(suffix, deadline)
         lc.llama_sampler_reset(self._grammar)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -18,6 +19,36 @@ NONE = "none"  # the answer "no catalog intent fits"
 ANSWER_OPEN = '{"intent": "'
 _VALUE_RULE = "value"
 _NULL = b"null"
+
+
+class LlmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Per-model knobs, read from ``<model>.gguf.nlu.json`` beside the GGUF file when it exists.
+
+    ``temperature`` calibrates the confidence (softmax of the grammar-admitted logits divided by it);
+    fit it like the ranker's: minimise the negative log-likelihood of the true intent over held-out
+    requests the ranker abstained on.
+    """
+
+    temperature: float = 1.0
+    n_ctx: int = 4096
+    n_batch: int = 64  # also the granularity of budget checks while the request's prompt is evaluated
+    max_candidates: int = 4
+    examples_per_candidate: int = 2
+    max_value_chars: int = 32
+
+    @classmethod
+    def for_model(cls, model: Path) -> LlmSettings:
+        """Defaults, overridden by the sidecar file if present (unknown keys are errors)."""
+        sidecar = model.with_name(model.name + ".nlu.json")
+        if not sidecar.exists():
+            return cls()
+        try:
+            settings = msgspec.json.decode(sidecar.read_bytes(), type=cls)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"{sidecar}: {exc}") from exc
+        if settings.temperature <= 0:
+            raise ValueError(f"{sidecar}: temperature must be > 0")
+        return settings
 
 
 class AnswerShape(msgspec.Struct, frozen=True):
@@ -87,7 +118,8 @@ def gbnf(shape: AnswerShape, root: str = "root") -> str:
         lines.append(f"{rule} ::= " + " ".join(parts))
     lines.insert(1, "answer ::= " + " | ".join(alts))
     lines.append(f'{_VALUE_RULE} ::= "null" | "\\"" char{{0,{shape.max_value_chars}}} "\\""')
-    lines.append('char ::= [^"\\\\\\x00-\\x1F]')
+    # no quote, backslash or control character, no surrogate, nothing past U+10FFFF
+    lines.append('char ::= [^"\\\\\\x00-\\x1F\\uD800-\\uDFFF\\U00110000-\\U001FFFFF]')
     return "\n".join(lines) + "\n"
 
 
@@ -149,7 +181,8 @@ def progress(shape: AnswerShape, out: bytes) -> Progress:
 
 def parse_answer(out: bytes) -> tuple[str, dict[str, str]]:
     """The intent and the non-empty slot values of a complete answer."""
-    data = json.loads(ANSWER_OPEN.encode() + out)
+    # A byte-level model can spell a character in an overlong encoding the grammar cannot see.
+    data = json.loads(ANSWER_OPEN + out.decode("utf-8", errors="replace"))
     slots = {k: v for k, v in data["slots"].items() if isinstance(v, str) and v.strip()}
     return data["intent"], slots
 

@@ -15,7 +15,7 @@ from .artifacts import ModelError, verify_model_dir
 from .canonicalize import Canonical
 from .decision import Candidate, Decision, Outcome
 from .features import VOCAB_NAME, Featurizer
-from .scoring import Blend, Calibration, alternative_confidences, calibrate, log_priors, score_batch
+from .scoring import Blend, Calibration, alternative_confidences, calibrate, log_priors, score_one
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -50,14 +50,13 @@ class IntentInfo(msgspec.Struct, frozen=True):
     locales: list[str] = msgspec.field(default_factory=list)
 
 
-class ExampleRow(msgspec.Struct, frozen=True):
-    """One line of ``examples_manifest.jsonl``: a row of ``faiss.index`` or ``faiss_negatives.index``."""
+class ExampleRow(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One line of ``examples_manifest.jsonl``: the next row of ``faiss.index`` (or, if ``negative``, of the negatives index)."""
 
-    index: str  # "positive" | "negative"
-    row: int
     text: str
     intent: str
     locale: str = ""
+    negative: bool = False
 
 
 def _read_json(path: Path, typ: Any) -> Any:
@@ -109,6 +108,7 @@ class Ranker:
         self._labels = np.asarray([config.intents.index(r.intent) for r in positives_rows], dtype=np.int64)
         self._log_prior = log_priors([i.prior for i in intents])
         self._prior = np.exp(self._log_prior)
+        self._calibration = config.calibration.linear()
 
     @classmethod
     def load(cls, model_dir: Path, *, threads: int = 1) -> Ranker:
@@ -144,8 +144,8 @@ class Ranker:
                 rows.append(msgspec.json.decode(line, type=ExampleRow))
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 raise ModelError(f"{model_dir}/examples_manifest.jsonl:{n}: {exc}") from exc
-        pos = [r for r in rows if r.index == "positive"]
-        neg = [r for r in rows if r.index == "negative"]
+        pos = [r for r in rows if not r.negative]
+        neg = [r for r in rows if r.negative]
         index = _read_index(model_dir / "faiss.index", dim)
         negatives = _read_index(model_dir / "faiss_negatives.index", dim) if neg else None
         if index.ntotal != len(pos) or (negatives is not None and negatives.ntotal != len(neg)):
@@ -178,13 +178,10 @@ class Ranker:
     def decide(self, canonical: Canonical) -> Decision:
         """Rank intents for ``canonical.masked``; ACCEPT with a calibrated confidence, or REJECT on negative evidence."""
         probs, sims, labels, rows, neg_sim, neg_row = self.score_text(canonical.masked)
-        neg = np.asarray([neg_sim]) if neg_sim is not None else None
-        sc = score_batch(probs, sims, labels, neg, self._log_prior, self.config.blend)
-        top = int(sc.top[0])
-        conf = float(calibrate(sc.features, self.config.calibration)[0])
+        scores, feats, top, _, knn_top = score_one(probs[0], sims[0], labels[0], neg_sim, self._log_prior, self.config.blend)
+        conf = float(calibrate(feats, self._calibration))
         alternatives = tuple(
-            Candidate(self._names[i], round(c, 6))
-            for i, c in alternative_confidences(sc.scores[0], top, conf, ALTERNATIVES)
+            Candidate(self._names[i], round(c, 6)) for i, c in alternative_confidences(scores, top, conf, ALTERNATIVES)
         )
         matched = [self._pos[int(r)].text for r, lab in zip(rows[0], labels[0], strict=True) if lab == top]
         nearest_negative = None
@@ -194,10 +191,10 @@ class Ranker:
         pos_sim = float(sims[0, 0]) if sims.shape[1] else 0.0
         evidence: dict[str, Any] = {
             "softmax": round(float(probs[0, top]), 6),
-            "knn": round(float(sc.knn[0, top]), 6),
+            "knn": round(knn_top, 6),
             "skill_prior": round(float(self._prior[top]), 6),
-            "blend_score": round(float(sc.scores[0, top]), 6),
-            "margin": round(float(sc.features[0, 1]), 6),
+            "blend_score": round(float(scores[top]), 6),
+            "margin": round(float(feats[1]), 6),
             "matched_examples": matched[:MATCHED_EXAMPLES],
             "nearest_example_similarity": round(pos_sim, 6),
             "nearest_negative": nearest_negative,

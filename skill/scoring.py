@@ -30,6 +30,12 @@ class Calibration(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     bias: float = 0.0
     kind: str = "logistic"
 
+    def linear(self) -> tuple[np.ndarray, float]:
+        """The map folded into one weight vector and bias over raw features (what serving multiplies by)."""
+        scale = np.asarray(self.scale)
+        w = np.asarray(self.coef) / scale
+        return w, float(self.bias - (np.asarray(self.mean) * w).sum())
+
 
 class Scored(msgspec.Struct, frozen=True):
     """Batch scoring result: blended scores, calibration features, top and runner-up indices."""
@@ -66,7 +72,7 @@ def score_batch(
     log_p = np.log(np.clip(probs, 1e-9, 1.0))
     knn = knn_matrix(sims, labels, n_classes)
     scores = blend.w_softmax * log_p + blend.w_knn * knn + blend.w_prior * log_prior[None, :]
-    order = np.argsort(-scores, axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")
     top, second = order[:, 0], order[:, 1] if n_classes > 1 else order[:, 0]
     rows = np.arange(len(top))
     s_top = scores[rows, top]
@@ -77,18 +83,50 @@ def score_batch(
     return Scored(scores=scores, features=feats.astype(np.float64), top=top, second=second, knn=knn)
 
 
-def calibrate(features: np.ndarray, cal: Calibration) -> np.ndarray:
-    """P(top is correct) for each row of ``features``."""
-    z = (features - np.asarray(cal.mean)) / np.asarray(cal.scale)
-    logit = z @ np.asarray(cal.coef) + cal.bias
+def calibrate(features: np.ndarray, cal: Calibration | tuple[np.ndarray, float]) -> np.ndarray:
+    """P(top is correct) for each row of ``features`` (``cal`` may be pre-folded with :meth:`Calibration.linear`)."""
+    w, b = cal.linear() if isinstance(cal, Calibration) else cal
+    logit = features @ w + b
     return 1.0 / (1.0 + np.exp(-np.clip(logit, -40.0, 40.0)))
+
+
+def score_one(
+    probs: np.ndarray, sims: np.ndarray, labels: np.ndarray, neg_sim: float | None, log_prior: np.ndarray, blend: Blend
+) -> tuple[np.ndarray, np.ndarray, int, int, float]:
+    """:func:`score_batch` for one query, without batch overhead: (scores, features, top, second, knn of top)."""
+    log_p = np.log(np.maximum(probs, 1e-9))
+    k = len(sims)
+    floor = float(sims[-1]) if k else 0.0
+    best: dict[int, float] = {}
+    for sim, label in zip(sims.tolist(), labels.tolist(), strict=True):
+        if label >= 0 and sim > best.get(label, floor):
+            best[label] = sim
+    knn = np.full(len(probs), floor, dtype=np.float32)
+    if best:
+        knn[list(best)] = list(best.values())
+    scores = blend.w_softmax * log_p + blend.w_knn * knn + blend.w_prior * log_prior
+    if len(scores) > 2:
+        two = np.argpartition(-scores, 1)[:2]
+        top, second = (int(two[0]), int(two[1])) if scores[two[0]] >= scores[two[1]] else (int(two[1]), int(two[0]))
+        if scores[top] == scores[second]:  # same tie-break as argsort: the lower index first
+            top, second = sorted((top, second))
+    else:
+        order = np.argsort(-scores)
+        top, second = int(order[0]), int(order[-1])
+    pos_sim = float(sims[0]) if k else 0.0
+    neg_gap = neg_sim - pos_sim if neg_sim is not None else NO_NEGATIVE
+    s_top = float(scores[top])
+    feats = np.array([s_top, s_top - float(scores[second]), float(log_p[top]), float(knn[top]), pos_sim, neg_gap])
+    return scores, feats, top, second, float(knn[top])
 
 
 def alternative_confidences(scores: np.ndarray, top: int, conf: float, n: int) -> list[tuple[int, float]]:
     """The next ``n`` intents, sharing ``1 - conf`` in proportion to their blended softmax mass."""
     q = np.exp(scores - scores.max())
     rest = q.sum() - q[top]
-    order = [int(i) for i in np.argsort(-scores)[: n + 1] if i != top][:n]
+    head = np.argpartition(-scores, n)[: n + 1] if len(scores) > n + 1 else np.arange(len(scores))
+    head = head[np.argsort(-scores[head], kind="stable")]
+    order = [int(i) for i in head if i != top][:n]
     if rest <= 0.0:
         return [(i, 0.0) for i in order]
     return [(i, float((1.0 - conf) * q[i] / rest)) for i in order]

@@ -135,7 +135,8 @@ class ServiceState:
                 error = f"{type(exc).__name__}: {exc}"
         if ranker is None and old is not None and old.ranker is not None:
             return self._refuse(trigger, error or "model not loaded")
-        llm = old.llm if old is not None else None
+        # The LLM's grammar and prompt are built from the catalog: reuse it only for the same catalog.
+        llm = old.llm if old is not None and old.catalog.digest == catalog.digest else None
         if llm is None and cfg.llm_model:
             try:
                 llm = load_llm(cfg, catalog)

@@ -25,7 +25,8 @@ def write_tiny_gguf(
     n_layer: int = 2,
     n_head: int = 2,
     n_ff: int = 64,
-    n_ctx: int = 8192,
+    n_ctx: int = 16384,
+    chat_template: str | None = None,
 ) -> Path:
     """Write a random llama model (SentencePiece vocab of 256 byte tokens + 3 specials) to ``path``.
 
@@ -61,6 +62,8 @@ def write_tiny_gguf(
     writer.add_unk_token_id(0)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
 
     def rand(*shape: int, scale: float = 0.5) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)

@@ -18,11 +18,12 @@ from skill.canonicalize import Canonical, Canonicalizer, EntityMatch
 from skill.catalog import Catalog, load_catalog
 from skill.config import Config
 from skill.decision import Candidate, Decision, Outcome
-from skill.llm import LlmSettings, LlmStage
+from skill.llm import LlmStage
 from skill.llm_grammar import (
     ANSWER_OPEN,
     NONE,
     AnswerShape,
+    LlmSettings,
     NameStep,
     gbnf,
     name_probabilities,
@@ -104,7 +105,9 @@ def test_progress_follows_the_skeleton(out: bytes, forced: bytes, complete: bool
     assert (state.forced, state.complete, state.intent) == (forced, complete, intent)
 
 
-@pytest.mark.parametrize("out", [b"x", b'joke.tell"', b'alarm.set", "slots": {"date": null', b'none", "slots": {}}x'])
+@pytest.mark.parametrize(
+    "out", [b"x", b'joke.tell"', b'alarm.set", "slots": {"date": null', b'none", "slots": {}}x']
+)
 def test_progress_rejects_what_the_grammar_cannot_produce(out: bytes) -> None:
     with pytest.raises(ValueError):
         progress(SHAPE, out)
@@ -115,7 +118,10 @@ def test_grammar_names_every_intent_with_its_own_slots(catalog: Catalog) -> None
     assert '"alarm.set" "\\", \\"slots\\": {\\"time\\": " value "}}"' in text
     assert '"desktop.reset_webspace" "\\", \\"slots\\": {}}"' in text
     assert '"none" "\\", \\"slots\\": {}}"' in text
-    assert parse_answer(b'alarm.set", "slots": {"time": "07:30", "date": null}}') == ("alarm.set", {"time": "07:30"})
+    assert parse_answer(b'alarm.set", "slots": {"time": "07:30", "date": null}}') == (
+        "alarm.set",
+        {"time": "07:30"},
+    )
 
 
 def test_name_probabilities_split_the_mass_along_the_path() -> None:
@@ -142,8 +148,9 @@ def test_repo_catalog_grammar_compiles_and_constrains_free_sampling(tmp_path: Pa
     llm = Llama(str(write_tiny_gguf(tmp_path / "r.gguf", seed=3)), n_ctx=1024, n_threads=1, verbose=False)
     for seed in range(4):  # llama.cpp's own sampler, temperature 1: whatever it samples must parse
         llm.set_seed(seed)
-        out = llm.create_completion("x", max_tokens=shape.max_answer_bytes() + 8, temperature=1.0,
-                                    grammar=grammar, seed=seed)
+        out = llm.create_completion(
+            "x", max_tokens=shape.max_answer_bytes() + 8, temperature=1.0, grammar=grammar, seed=seed
+        )
         data = json.loads(out["choices"][0]["text"])  # type: ignore[index]
         assert data["intent"] in shape.slots
         assert list(data["slots"]) == list(shape.slots[data["intent"]])
@@ -151,7 +158,9 @@ def test_repo_catalog_grammar_compiles_and_constrains_free_sampling(tmp_path: Pa
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_every_answer_parses_and_names_a_catalog_intent(stage_factory: Any, catalog: Catalog, seed: int) -> None:
+def test_every_answer_parses_and_names_a_catalog_intent(
+    stage_factory: Any, catalog: Catalog, seed: int
+) -> None:
     stage = stage_factory(seed=seed)
     for text in ("разбуди меня пораньше", "turn everything off", "сбрось всё"):
         d = stage.decide_fallback(canon(catalog, text), proposal())
@@ -165,7 +174,9 @@ def test_every_answer_parses_and_names_a_catalog_intent(stage_factory: Any, cata
         else:
             assert d.intent in catalog.intents and 0.0 < d.confidence <= 1.0
             assert set(d.slots) <= set(catalog.intents[d.intent].slots)
-            assert [a.confidence for a in d.alternatives] == sorted((a.confidence for a in d.alternatives), reverse=True)
+            assert [a.confidence for a in d.alternatives] == sorted(
+                (a.confidence for a in d.alternatives), reverse=True
+            )
 
 
 def test_model_that_answers_none_abstains(stage_factory: Any, catalog: Catalog) -> None:
@@ -175,7 +186,9 @@ def test_model_that_answers_none_abstains(stage_factory: Any, catalog: Catalog) 
     assert d.evidence["p_none"] > 0.99
 
 
-def test_steered_model_picks_its_intent_with_calibrated_confidence(stage_factory: Any, catalog: Catalog) -> None:
+def test_steered_model_picks_its_intent_with_calibrated_confidence(
+    stage_factory: Any, catalog: Catalog
+) -> None:
     d = stage_factory(SAYS_ALARM).decide_fallback(canon(catalog, "разбуди меня пораньше"), proposal())
     assert (d.intent, d.outcome, d.via) == ("alarm.set", Outcome.ACCEPT, "llm")
     assert d.confidence > 0.98
@@ -213,12 +226,54 @@ def test_temperature_comes_from_the_sidecar(
         LlmSettings.for_model(path)
 
 
+def test_context_too_small_for_the_catalog_fails_the_load_and_long_requests_abstain(
+    tmp_path: Path, catalog: Catalog, make_config: Callable[..., Config]
+) -> None:
+    path = write_tiny_gguf(tmp_path / "c.gguf", prefer=SAYS_ALARM)
+    sidecar = tmp_path / "c.gguf.nlu.json"
+    sidecar.write_text(json.dumps({"n_ctx": 1024}))  # the byte-level catalog prompt alone is ~850 tokens
+    with pytest.raises(ValueError, match="raise n_ctx"):
+        LlmStage.load(make_config(llm_model=str(path), llm_threads=1), catalog)
+    sidecar.write_text(json.dumps({"n_ctx": 1536}))
+    stage = LlmStage.load(make_config(llm_model=str(path), llm_threads=1), catalog)
+    d = stage.decide_fallback(canon(catalog, "разбуди меня " * 60), proposal())
+    assert (d.intent, d.outcome, d.reason) == (None, Outcome.ABSTAIN, "llm_prompt_too_long")
+    assert stage.decide_fallback(canon(catalog, "разбуди меня"), proposal()).intent == "alarm.set"
+    stage.close()
+
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+NO_SYSTEM = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize(("template", "turn"), [(CHATML, "<|im_start|>assistant\n"), (NO_SYSTEM, "model\n")])
+def test_the_models_chat_template_frames_the_prompt(
+    tmp_path: Path, catalog: Catalog, make_config: Callable[..., Config], template: str, turn: str
+) -> None:
+    path = write_tiny_gguf(tmp_path / "chat.gguf", prefer=SAYS_ALARM, chat_template=template)
+    stage = LlmStage.load(make_config(llm_model=str(path), llm_threads=1), catalog)
+    assert stage._tail.endswith(turn + ANSWER_OPEN)
+    assert stage._prefix[0] == 1 and stage._prefix[1] != 1  # one BOS, not the template's and ours
+    assert stage.decide_fallback(canon(catalog, "разбуди меня"), proposal()).intent == "alarm.set"
+    stage.close()
+
+
 def test_prefix_cache_gives_the_same_answers_as_a_fresh_context(stage_factory: Any, catalog: Catalog) -> None:
     texts = ["разбуди меня пораньше", "turn everything off", "сбрось всё", "разбуди меня пораньше"]
     warm = stage_factory(seed=7)
     answers = [warm.decide_fallback(canon(catalog, t), proposal()).evidence["raw_output"] for t in texts]
-    fresh = [stage_factory(seed=7).decide_fallback(canon(catalog, t), proposal()).evidence["raw_output"]
-             for t in texts]
+    fresh = [
+        stage_factory(seed=7).decide_fallback(canon(catalog, t), proposal()).evidence["raw_output"]
+        for t in texts
+    ]
     assert answers == fresh
 
 
@@ -237,42 +292,56 @@ def test_budget_runs_out_while_waiting_for_the_slot(stage_factory: Any, catalog:
 
 
 class TickingClock:
-    """Advances by ``step`` seconds each time it is read: the budget runs out after a known number of checks."""
+    """Reads 1, 2, 3, ... seconds: a budget of ``k + 0.5`` s runs out at the clock's ``k + 2``-th read."""
 
-    def __init__(self, step: float) -> None:
-        self.now = 0.0
-        self.step = step
+    def __init__(self) -> None:
+        self.reads = 0
 
     def __call__(self) -> float:
-        self.now += self.step
-        return self.now
+        self.reads += 1
+        return float(self.reads)
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_budget_runs_out_mid_generation_and_the_late_answer_is_dropped(
-    stage_factory: Any, catalog: Catalog, seed: int
+@pytest.mark.parametrize(
+    ("seed", "text"), [(1, "разбуди меня пораньше"), (2, "turn everything off"), (3, "сбрось всё")]
+)
+def test_budget_runs_out_at_every_check_and_the_late_answer_is_dropped(
+    stage_factory: Any, catalog: Catalog, seed: int, text: str
 ) -> None:
     stage = stage_factory(seed=seed)
-    c = canon(catalog, "разбуди меня пораньше")
+    c = canon(catalog, text)
+    stage.clock = clock = TickingClock()
+    stage.budget_s = 1e6
     expected = stage.decide_fallback(c, proposal())
-    stage.clock = TickingClock(0.1)  # 1500 ms budget = 15 clock reads: stops during prompt or decoding
-    d = stage.decide_fallback(c, proposal())
-    assert (d.intent, d.outcome, d.reason) == (None, Outcome.ABSTAIN, "llm_timeout")
-    assert d.evidence["where"] == "generating"
-    stage.clock = time.monotonic
-    again = stage.decide_fallback(c, proposal())  # nothing of the aborted run leaks into the next
+    reads = clock.reads  # start, slot wait, prompt chunks, each sampled token, the late check, the ms
+    assert expected.reason != "llm_timeout" and reads > 6
+    wheres = set()
+    for k in range(reads - 2):  # the deadline passes at every check in turn, the last one included
+        stage.clock = TickingClock()
+        stage.budget_s = k + 0.5
+        d = stage.decide_fallback(c, proposal())
+        assert (d.intent, d.outcome, d.reason, d.via) == (None, Outcome.ABSTAIN, "llm_timeout", "llm"), k
+        wheres.add(d.evidence["where"])
+    assert wheres == {"generating", "finished late"}  # a free slot is taken even with no time left
+    stage.clock = TickingClock()
+    stage.budget_s = reads - 2 + 0.5  # passes only after the answer is final
+    again = stage.decide_fallback(c, proposal())  # nothing of the aborted runs leaks into this one
     assert again.evidence["raw_output"] == expected.evidence["raw_output"]
-    assert again.confidence == expected.confidence
+    assert (again.intent, again.confidence) == (expected.intent, expected.confidence)
 
 
-def test_full_queue_answers_at_once_and_waiters_still_get_answers(stage_factory: Any, catalog: Catalog) -> None:
+def test_full_queue_answers_at_once_and_waiters_still_get_answers(
+    stage_factory: Any, catalog: Catalog
+) -> None:
     stage = stage_factory(SAYS_ALARM, llm_queue=2, llm_budget_ms=10_000)
     c = canon(catalog, "разбуди меня")
     results: list[Decision] = []
     stage._slot.acquire()  # a long generation holds the slot
     try:
-        waiters = [threading.Thread(target=lambda: results.append(stage.decide_fallback(c, proposal())))
-                   for _ in range(3)]  # two queue, the third generates... once the slot frees
+        waiters = [
+            threading.Thread(target=lambda: results.append(stage.decide_fallback(c, proposal())))
+            for _ in range(3)
+        ]  # two queue, the third generates... once the slot frees
         for t in waiters[:2]:
             t.start()
         for _ in range(200):
@@ -351,13 +420,20 @@ class AbstainingRanker:
         return {"accept": 0.8, "reject": 0.45, "margin": 0.1}
 
     def decide(self, canonical: Canonical) -> Decision:
-        return Decision("device.turn_off", 0.6, Outcome.ACCEPT, "neural",
-                        alternatives=(Candidate("alarm.set", 0.3),),
-                        evidence={"matched_examples": ["выключи {device}"], "softmax": 0.6})
+        return Decision(
+            "device.turn_off",
+            0.6,
+            Outcome.ACCEPT,
+            "neural",
+            alternatives=(Candidate("alarm.set", 0.3),),
+            evidence={"matched_examples": ["выключи {device}"], "softmax": 0.6},
+        )
 
 
 def _pipeline(catalog: Catalog, llm: LlmStage) -> Pipeline:
-    return Pipeline(catalog, Canonicalizer(catalog), regex=RegexStage(catalog), ranker=AbstainingRanker(), llm=llm)
+    return Pipeline(
+        catalog, Canonicalizer(catalog), regex=RegexStage(catalog), ranker=AbstainingRanker(), llm=llm
+    )
 
 
 def test_pipeline_lets_the_llm_settle_an_abstention(stage_factory: Any, catalog: Catalog) -> None:
@@ -366,12 +442,23 @@ def test_pipeline_lets_the_llm_settle_an_abstention(stage_factory: Any, catalog:
     assert (d.intent, d.outcome, d.via) == ("alarm.set", Outcome.ACCEPT, "llm")
     assert [s.stage for s in result.stages] == ["canonicalize", "regex", "neural", "llm"]
     assert result.stages[2].outcome == "abstain" and result.stages[3].outcome == "accept"
-    assert d.evidence["candidates"][0] == {"intent": "device.turn_off", "score": 0.6, "llm": pytest.approx(0.0, abs=0.01)}
+    assert d.evidence["candidates"][0] == {
+        "intent": "device.turn_off",
+        "score": 0.6,
+        "llm": pytest.approx(0.0, abs=0.01),
+    }
     assert d.evidence["raw_output"].startswith('{"intent": "alarm.set"')
 
 
-def test_pipeline_keeps_the_ranker_abstention_when_the_llm_says_none(stage_factory: Any, catalog: Catalog) -> None:
+def test_pipeline_keeps_the_ranker_abstention_when_the_llm_says_none(
+    stage_factory: Any, catalog: Catalog
+) -> None:
     result = _pipeline(catalog, stage_factory(SAYS_NONE)).parse("расскажи о своих чувствах")
     d = result.decision
-    assert (d.intent, d.outcome, d.via, d.reason) == ("device.turn_off", Outcome.ABSTAIN, "neural", "low_confidence")
+    assert (d.intent, d.outcome, d.via, d.reason) == (
+        "device.turn_off",
+        Outcome.ABSTAIN,
+        "neural",
+        "low_confidence",
+    )
     assert d.evidence["llm"]["reason"] == "llm_none" and d.evidence["llm"]["outcome"] == "abstain"

@@ -18,7 +18,7 @@ from skill.canonicalize import Canonicalizer
 from skill.catalog import load_catalog
 from skill.decision import Outcome
 from skill.ranker import Ranker
-from skill.scoring import Blend, Calibration, alternative_confidences, calibrate, knn_matrix, score_batch
+from skill.scoring import Blend, Calibration, alternative_confidences, calibrate, knn_matrix, score_batch, score_one
 from tools._calib import expected_calibration_error, fit_blend, fit_calibration, ValBatch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -163,3 +163,21 @@ def test_score_batch_features_are_finite() -> None:
     sc = score_batch(probs, np.array([[0.8]], dtype=np.float32), np.array([[0]]), None, np.zeros(3), Blend(w_knn=1.0, k=1))
     assert int(sc.top[0]) == 0 and np.isfinite(sc.features).all()
     assert json.dumps(sc.features.tolist())
+
+
+def test_score_one_matches_score_batch() -> None:
+    rng = np.random.default_rng(3)
+    for n_classes in (2, 3, 40):
+        for _ in range(20):
+            probs = rng.dirichlet(np.ones(n_classes), 1).astype(np.float32)
+            sims = np.sort(rng.random((1, 6)).astype(np.float32))[:, ::-1].copy()
+            labels = rng.integers(0, n_classes, (1, 6))
+            prior = rng.normal(size=n_classes).astype(np.float32)
+            blend = Blend(w_knn=4.0, w_prior=0.5, k=6)
+            sc = score_batch(probs, sims, labels, np.array([0.2]), prior, blend)
+            scores, feats, top, second, knn_top = score_one(probs[0], sims[0], labels[0], 0.2, prior, blend)
+            assert (top, second) == (int(sc.top[0]), int(sc.second[0]))
+            assert feats == pytest.approx(sc.features[0], abs=1e-5)
+            assert scores == pytest.approx(sc.scores[0], abs=1e-5) and knn_top == pytest.approx(sc.knn[0, top])
+            cal = Calibration(coef=(0.5, -1.0, 0.2, 0.3, 0.1, -0.4), mean=(1.0,) * 6, scale=(2.0,) * 6, bias=0.1)
+            assert calibrate(feats, cal.linear()) == pytest.approx(calibrate(sc.features, cal)[0])

@@ -12,7 +12,7 @@ from skill.scoring import CALIBRATION_FEATURES, Blend, Calibration, calibrate, s
 
 _LOGGER = logging.getLogger(__name__)
 
-W_KNN_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+W_KNN_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 W_PRIOR_GRID = (0.0, 0.5, 1.0, 2.0)
 NEG_MARGIN_GRID = (-0.1, -0.05, 0.0, 0.05, 0.1, 0.2)
 NEVER_REJECT = 10.0  # cosine gaps lie in [-2, 2]: a margin of 10 never rejects

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from skill.features import Featurizer
+from skill.features import UNK, Featurizer
 
 from ._augment import augment
 from ._model import Net, NetConfig, supcon_loss
@@ -33,6 +33,9 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     supcon_tau: float = 0.1
     oe_weight: float = 0.5  # outlier exposure: push oos rows towards a uniform softmax
     augment_rate: float = 0.3
+    ngram_dropout: float = 0.2  # drop n-gram ids (the bag must not lean on a few n-grams)
+    word_dropout: float = 0.1  # replace word ids by "unknown" (the char CNN must carry unseen words)
+    label_smoothing: float = 0.0
     threads: int = 2
 
 
@@ -73,6 +76,7 @@ def fit_net(
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, min(cfg.threads, 2)))
     rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
     vocab = feat.vocab
     net = Net(NetConfig(vocab.n_chars, vocab.n_words, vocab.n_ngrams, n_classes))
     sparse_ids = {id(p) for p in net.sparse_parameters()}
@@ -98,13 +102,18 @@ def fit_net(
         loss_sum, n_seen = 0.0, 0
         for batch in _batches(feat, noisy, cfg.batch_size, rng):
             chars, words, grams = _tensors(feat, [noisy[i] for i in batch])
+            if cfg.ngram_dropout > 0:
+                grams = grams.masked_fill(torch.rand(grams.shape, generator=gen) < cfg.ngram_dropout, 0)
+            if cfg.word_dropout > 0:
+                hit = (torch.rand(words.shape, generator=gen) < cfg.word_dropout) & (words > 0)
+                words = words.masked_fill(hit, UNK)
             y = y_all[batch]
             logits, le, lb, emb = net.forward_train(chars, words, grams)
             inside = y >= 0
             loss = emb.sum() * 0.0
             if bool(inside.any()):
                 yi = y[inside]
-                loss = loss + F.cross_entropy(logits[inside], yi)
+                loss = loss + F.cross_entropy(logits[inside], yi, label_smoothing=cfg.label_smoothing)
                 loss = loss + cfg.branch_weight * (
                     F.cross_entropy(le[inside], yi) + F.cross_entropy(lb[inside], yi)
                 )

@@ -21,7 +21,7 @@ class NetConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     word_dim: int = 64
     hidden: int = 96
     bag_dim: int = 96
-    proj_dim: int = 128
+    proj_dim: int = 64
     dropout: float = 0.3
 
 

@@ -427,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             report = bench(args, argv)
             _LOGGER.info("model %s: %s", report["model_id"], {k: report[k] for k in HEADLINE[:7]})
-    except BenchError as exc:
+    except (BenchError, ValueError) as exc:  # ValueError: the trainer's DataError, CatalogError
         _LOGGER.error("%s", exc)
         return 2
     return 0
