@@ -121,9 +121,13 @@ class ServiceState:
             and old.model_id == model_dir.name
         ):
             return ReloadEvent(_now(), True, old.model_id, None, trigger)  # nothing changed for us
-        catalog = load_catalog(cfg.catalog_dir)
-        canonicalizer = Canonicalizer(catalog)
-        regex = RegexStage(catalog)
+        if trigger == "pointer" and old is not None and old.regex is not None:
+            # A pointer flip changes the model only: keep the catalog and its indexes.
+            catalog, canonicalizer, regex = old.catalog, old.canonicalizer, old.regex
+        else:
+            catalog = load_catalog(cfg.catalog_dir)
+            canonicalizer = Canonicalizer(catalog)
+            regex = RegexStage(catalog)
         ranker: ModelStage | None = None
         error: str | None = None
         if model_dir is None:
