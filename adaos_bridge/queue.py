@@ -146,7 +146,8 @@ class SqliteQueue:
                 self._bump(db, "dropped_overflow", overflow)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite already rolled back on SQLITE_FULL: keep its error, not ours
+                db.execute("ROLLBACK")
             raise
         self._pending += (1 if added else 0) - max(0, overflow)
         if overflow > 0:
@@ -201,7 +202,8 @@ class SqliteQueue:
             self._bump(db, counter, removed)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite already rolled back on SQLITE_FULL: keep its error, not ours
+                db.execute("ROLLBACK")
             raise
         self._pending -= removed
 

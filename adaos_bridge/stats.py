@@ -231,4 +231,7 @@ class UsageStats:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        await self.flush()
+        try:
+            await self.flush()
+        except OSError as exc:  # a full disk must not stop the rest of the shutdown (queue, lock)
+            _LOGGER.warning("cannot write %s: %s", self.path, exc)

@@ -105,6 +105,10 @@ async def _read_json(request: web.Request, typ: type[Any], *, allow_empty: bool 
         raise BadRequest(code, text, field) from exc
     except msgspec.DecodeError as exc:
         raise BadRequest("invalid_json", f"malformed JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:  # invalid UTF-8 inside a string is not a DecodeError in msgspec
+        raise BadRequest("invalid_json", f"malformed JSON: invalid UTF-8: {exc}") from exc
+    except RecursionError as exc:  # msgspec gives up on very deep nesting: bad input, not a 500
+        raise BadRequest("invalid_json", "malformed JSON: nested too deeply") from exc
 
 
 async def handle_parse(request: web.Request) -> web.Response:

@@ -263,7 +263,29 @@ class AuditWriter:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._stream = open(self.path, "ab")  # noqa: SIM115 - kept open across batches
             self._size = os.fstat(self._stream.fileno()).st_size
+            if self._size:
+                self._cut_torn_tail()
         return self._stream
+
+    def _cut_torn_tail(self) -> None:
+        """A full disk or a kill mid-flush can leave half a line: cut it, or the next line merges into it."""
+        assert self._stream is not None
+        with open(self.path, "rb") as fh:
+            fh.seek(self._size - 1)
+            if fh.read(1) == b"\n":
+                return
+            end = self._size
+            while end > 0:  # back to the last newline, 64 KiB at a time
+                start = max(0, end - 65536)
+                fh.seek(start)
+                idx = fh.read(end - start).rfind(b"\n")
+                if idx >= 0:
+                    end = start + idx + 1
+                    break
+                end = start
+        os.ftruncate(self._stream.fileno(), end)  # appends (O_APPEND) continue from the new end
+        _LOGGER.warning("audit log %s: cut %d bytes of a torn last line", self.path, self._size - end)
+        self._size = end
 
     def _rotate(self) -> None:
         """``f`` → ``f.1`` → ... → ``f.N`` (the oldest is overwritten), like RotatingFileHandler."""

@@ -1,4 +1,4 @@
-"""Text → model inputs (char ids per word, word ids, n-gram ids), driven by a vocab file stored with the model."""
+"""Text → model inputs (char ids per word, word ids, n-gram ids), driven by the model's vocab file."""
 
 from __future__ import annotations
 
@@ -30,12 +30,12 @@ class FeatureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     word_ngram_max: int = 2
     max_ngrams: int = 384
     min_count: int = 2
-    max_vocab_ngrams: int = 40_000
+    max_vocab_ngrams: int = 28_000
     max_vocab_words: int = 20_000
 
 
 class Vocab(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Preprocessing data: spec plus the char, word and n-gram vocabularies (ids are list positions + offset)."""
+    """Preprocessing data: the spec plus char, word and n-gram vocabularies (id = list position + offset)."""
 
     spec: FeatureSpec
     chars: list[str]  # id = index + 2 (0 pad, 1 unknown)
@@ -81,7 +81,7 @@ def word_char_ngrams(word: str, spec: FeatureSpec) -> list[str]:
     if word.startswith("{"):
         return [word]
     padded = f"<{word}>"
-    out = []
+    out: list[str] = []
     for n in range(spec.char_ngram_min, spec.char_ngram_max + 1):
         out.extend(padded[i : i + n] for i in range(len(padded) - n + 1))
     return out
@@ -91,7 +91,7 @@ def text_ngrams(
     words: Sequence[str], spec: FeatureSpec, per_word: Sequence[list[str]] | None = None
 ) -> list[str]:
     """Every n-gram feature of an utterance: words, word n-grams (``a b``), char n-grams (``#xyz``)."""
-    out = [f"w:{w}" for w in words]
+    out: list[str] = [f"w:{w}" for w in words]
     for n in range(2, spec.word_ngram_max + 1):
         out.extend("w:" + " ".join(words[i : i + n]) for i in range(len(words) - n + 1))
     grams = per_word if per_word is not None else [word_char_ngrams(w, spec) for w in words]
@@ -127,7 +127,7 @@ def build_vocab(texts: Iterable[str], spec: FeatureSpec | None = None) -> Vocab:
 
 
 class Featurizer:
-    """Turns canonicalized text into padded id arrays; thread-safe (the word cache only grows by whole entries)."""
+    """Turns canonicalized text into padded id arrays; thread-safe (the word cache holds whole entries)."""
 
     def __init__(self, vocab: Vocab) -> None:
         self.vocab = vocab
@@ -179,8 +179,12 @@ class Featurizer:
     def encode(self, texts: Sequence[str]) -> Encoded:
         """A batch; words are padded to the longest utterance, n-grams with 0 (models mask both)."""
         rows = [self.encode_one(t) for t in texts]
+        if len(rows) == 1:  # the serving path: no padding to do
+            c, w, g = rows[0]
+            grams_one = np.asarray(g or [0], dtype=np.int64)[None, :]
+            return Encoded(chars=c[None, :, :], words=w[None, :], ngrams=grams_one)
         n_words = max(r[0].shape[0] for r in rows)
-        n_grams = max(1, max(len(r[2]) for r in rows))
+        n_grams = max(1, *(len(r[2]) for r in rows))
         chars = np.zeros((len(rows), n_words, self.spec.word_chars), dtype=np.int64)
         words = np.zeros((len(rows), n_words), dtype=np.int64)
         grams = np.zeros((len(rows), n_grams), dtype=np.int64)

@@ -51,7 +51,7 @@ class IntentInfo(msgspec.Struct, frozen=True):
 
 
 class ExampleRow(msgspec.Struct, frozen=True, omit_defaults=True):
-    """One line of ``examples_manifest.jsonl``: the next row of ``faiss.index`` (or, if ``negative``, of the negatives index)."""
+    """One line of ``examples_manifest.jsonl``: the next row of ``faiss.index`` or of the negatives."""
 
     text: str
     intent: str
@@ -81,6 +81,7 @@ class Ranker:
 
     def __init__(
         self,
+        *,
         model_id: str,
         model_dir: Path,
         config: RankerConfig,
@@ -153,7 +154,19 @@ class Ranker:
         unknown = {r.intent for r in pos} - set(config.intents)
         if unknown:
             raise ModelError(f"{model_dir}: examples of unknown intents {sorted(unknown)}")
-        ranker = cls(manifest.model_id, model_dir, config, session, featurizer, index, negatives, pos, neg, intents, threads)
+        ranker = cls(
+            model_id=manifest.model_id,
+            model_dir=model_dir,
+            config=config,
+            session=session,
+            featurizer=featurizer,
+            index=index,
+            negatives=negatives,
+            positives_rows=pos,
+            negative_rows=neg,
+            intents=intents,
+            threads=threads,
+        )
         ranker._warm_up()
         _LOGGER.info("ranker %s loaded: %d intents, %d examples", manifest.model_id, len(intents), len(pos))
         return ranker
@@ -162,8 +175,10 @@ class Ranker:
         for text in ("warm up", "прогрев модели {time}"):
             self.score_text(text)
 
-    def score_text(self, masked: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float | None, int]:
-        """Softmax, kNN similarities and labels, example rows, nearest-negative similarity and row for one text."""
+    def score_text(
+        self, masked: str
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float | None, int]:
+        """Softmax, kNN sims and labels, example rows, nearest-negative sim and row for one text."""
         feeds = self._featurizer.encode([masked]).feeds()
         probs, emb = self._session.run(None, feeds)
         k = min(self.config.blend.k, self._index.ntotal)
@@ -176,12 +191,15 @@ class Ranker:
         return probs, sims, self._labels[rows], rows, neg_sim, neg_row
 
     def decide(self, canonical: Canonical) -> Decision:
-        """Rank intents for ``canonical.masked``; ACCEPT with a calibrated confidence, or REJECT on negative evidence."""
+        """Rank intents for ``canonical.masked``: ACCEPT (calibrated confidence) or REJECT on negatives."""
         probs, sims, labels, rows, neg_sim, neg_row = self.score_text(canonical.masked)
-        scores, feats, top, _, knn_top = score_one(probs[0], sims[0], labels[0], neg_sim, self._log_prior, self.config.blend)
+        scores, feats, top, _, knn_top = score_one(
+            probs[0], sims[0], labels[0], neg_sim, self._log_prior, self.config.blend
+        )
         conf = float(calibrate(feats, self._calibration))
         alternatives = tuple(
-            Candidate(self._names[i], round(c, 6)) for i, c in alternative_confidences(scores, top, conf, ALTERNATIVES)
+            Candidate(self._names[i], round(c, 6))
+            for i, c in alternative_confidences(scores, top, conf, ALTERNATIVES)
         )
         matched = [self._pos[int(r)].text for r, lab in zip(rows[0], labels[0], strict=True) if lab == top]
         nearest_negative = None
@@ -207,7 +225,8 @@ class Ranker:
                 confidence=round(conf, 6),
                 outcome=Outcome.REJECT,
                 via=VIA,
-                alternatives=(Candidate(self._names[top], round(conf, 6)),) + alternatives[: ALTERNATIVES - 1],
+                alternatives=(Candidate(self._names[top], round(conf, 6)),)
+                + alternatives[: ALTERNATIVES - 1],
                 evidence=evidence,
                 reason="nearest negative example is closer than any intent example",
             )
@@ -234,7 +253,9 @@ class Ranker:
             "examples_total": int(self._index.ntotal),
             "negatives_total": int(self._negatives.ntotal) if self._negatives is not None else 0,
             "index_backend": f"faiss.{type(self._index).__name__}",
-            "negatives_backend": f"faiss.{type(self._negatives).__name__}" if self._negatives is not None else None,
+            "negatives_backend": f"faiss.{type(self._negatives).__name__}"
+            if self._negatives is not None
+            else None,
             "onnx_threads": self._threads,
             "model_bytes": model_path.stat().st_size,
             "folder_bytes": sum(p.stat().st_size for p in self.model_dir.iterdir() if p.is_file()),

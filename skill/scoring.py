@@ -1,4 +1,4 @@
-"""Pure scoring math of the ranker: blend softmax, kNN and priors; calibrate the top score to a probability."""
+"""Pure scoring math of the ranker: blend softmax, kNN and priors; calibrate the top to a probability."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def knn_matrix(sims: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarr
     return out
 
 
-def score_batch(
+def score_batch(  # noqa: PLR0917 - a pure function over parallel arrays
     probs: np.ndarray,
     sims: np.ndarray,
     labels: np.ndarray,
@@ -84,16 +84,21 @@ def score_batch(
 
 
 def calibrate(features: np.ndarray, cal: Calibration | tuple[np.ndarray, float]) -> np.ndarray:
-    """P(top is correct) for each row of ``features`` (``cal`` may be pre-folded with :meth:`Calibration.linear`)."""
+    """P(top is correct) per row of ``features`` (``cal`` may be pre-folded by :meth:`Calibration.linear`)."""
     w, b = cal.linear() if isinstance(cal, Calibration) else cal
     logit = features @ w + b
     return 1.0 / (1.0 + np.exp(-np.clip(logit, -40.0, 40.0)))
 
 
-def score_one(
-    probs: np.ndarray, sims: np.ndarray, labels: np.ndarray, neg_sim: float | None, log_prior: np.ndarray, blend: Blend
+def score_one(  # noqa: PLR0917 - a pure function over parallel arrays
+    probs: np.ndarray,
+    sims: np.ndarray,
+    labels: np.ndarray,
+    neg_sim: float | None,
+    log_prior: np.ndarray,
+    blend: Blend,
 ) -> tuple[np.ndarray, np.ndarray, int, int, float]:
-    """:func:`score_batch` for one query, without batch overhead: (scores, features, top, second, knn of top)."""
+    """:func:`score_batch` for one query, cheaper: (scores, features, top, second, knn of top)."""
     log_p = np.log(np.maximum(probs, 1e-9))
     k = len(sims)
     floor = float(sims[-1]) if k else 0.0
@@ -107,7 +112,9 @@ def score_one(
     scores = blend.w_softmax * log_p + blend.w_knn * knn + blend.w_prior * log_prior
     if len(scores) > 2:
         two = np.argpartition(-scores, 1)[:2]
-        top, second = (int(two[0]), int(two[1])) if scores[two[0]] >= scores[two[1]] else (int(two[1]), int(two[0]))
+        top, second = (
+            (int(two[0]), int(two[1])) if scores[two[0]] >= scores[two[1]] else (int(two[1]), int(two[0]))
+        )
         if scores[top] == scores[second]:  # same tie-break as argsort: the lower index first
             top, second = sorted((top, second))
     else:
@@ -116,7 +123,9 @@ def score_one(
     pos_sim = float(sims[0]) if k else 0.0
     neg_gap = neg_sim - pos_sim if neg_sim is not None else NO_NEGATIVE
     s_top = float(scores[top])
-    feats = np.array([s_top, s_top - float(scores[second]), float(log_p[top]), float(knn[top]), pos_sim, neg_gap])
+    feats = np.array(
+        [s_top, s_top - float(scores[second]), float(log_p[top]), float(knn[top]), pos_sim, neg_gap]
+    )
     return scores, feats, top, second, float(knn[top])
 
 

@@ -11,15 +11,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import train_tiny, write_tiny_catalog
+from test_train import train_tiny
 
 from skill.artifacts import ModelError
 from skill.canonicalize import Canonicalizer
 from skill.catalog import load_catalog
 from skill.decision import Outcome
 from skill.ranker import Ranker
-from skill.scoring import Blend, Calibration, alternative_confidences, calibrate, knn_matrix, score_batch, score_one
-from tools._calib import expected_calibration_error, fit_blend, fit_calibration, ValBatch
+from skill.scoring import (
+    Blend,
+    Calibration,
+    alternative_confidences,
+    calibrate,
+    knn_matrix,
+    score_batch,
+    score_one,
+)
+from tools._calib import ValBatch, expected_calibration_error, fit_blend, fit_calibration
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,7 +55,14 @@ def test_decision_carries_evidence(ranker: Ranker, tiny: tuple[Path, Canonicaliz
     assert len(d.alternatives) <= 4 and d.intent not in {a.intent for a in d.alternatives}
     assert sum(a.confidence for a in d.alternatives) <= 1.0 - d.confidence + 1e-6
     ev = d.evidence
-    for key in ("softmax", "knn", "skill_prior", "matched_examples", "nearest_negative", "canonicalized_text"):
+    for key in (
+        "softmax",
+        "knn",
+        "skill_prior",
+        "matched_examples",
+        "nearest_negative",
+        "canonicalized_text",
+    ):
         assert key in ev
     assert ev["canonicalized_text"] == canonical.masked
     assert isinstance(ev["matched_examples"], list)
@@ -56,9 +71,15 @@ def test_decision_carries_evidence(ranker: Ranker, tiny: tuple[Path, Canonicaliz
 
 @pytest.mark.parametrize(
     ("text", "intent"),
-    [("set an alarm for 6", "alarm.set"), ("какая погода в берлине", "weather.get"), ("play some jazz", "music.play")],
+    [
+        ("set an alarm for 6", "alarm.set"),
+        ("какая погода в берлине", "weather.get"),
+        ("play some jazz", "music.play"),
+    ],
 )
-def test_tiny_model_ranks_training_like_text(ranker: Ranker, tiny: tuple[Path, Canonicalizer], text: str, intent: str) -> None:
+def test_tiny_model_ranks_training_like_text(
+    ranker: Ranker, tiny: tuple[Path, Canonicalizer], text: str, intent: str
+) -> None:
     d = ranker.decide(tiny[1].canonicalize(text))
     ranked = [d.intent] + [a.intent for a in d.alternatives]
     assert intent in ranked[:2]
@@ -73,7 +94,13 @@ def test_thresholds_and_info(ranker: Ranker) -> None:
 
 
 def test_decide_is_thread_safe(ranker: Ranker, tiny: tuple[Path, Canonicalizer]) -> None:
-    texts = ["set an alarm for 7", "weather in berlin", "play jazz", "timer for 3 minutes", "who won the game"] * 8
+    texts = [
+        "set an alarm for 7",
+        "weather in berlin",
+        "play jazz",
+        "timer for 3 minutes",
+        "who won the game",
+    ] * 8
     canon = [tiny[1].canonicalize(t) for t in texts]
     serial = [(d.intent, d.confidence) for d in map(ranker.decide, canon)]
     with ThreadPoolExecutor(4) as pool:
@@ -119,7 +146,9 @@ def test_serving_never_imports_torch(tiny: tuple[Path, Canonicalizer]) -> None:
         "bad = [m for m in ('torch', 'sklearn') if m in sys.modules]; "
         "assert not bad, bad; print(d.intent)"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+    )
     assert out.returncode == 0, out.stderr
 
 
@@ -160,7 +189,9 @@ def test_calibration_is_calibrated() -> None:
 
 def test_score_batch_features_are_finite() -> None:
     probs = np.array([[0.7, 0.2, 0.1]], dtype=np.float32)
-    sc = score_batch(probs, np.array([[0.8]], dtype=np.float32), np.array([[0]]), None, np.zeros(3), Blend(w_knn=1.0, k=1))
+    sc = score_batch(
+        probs, np.array([[0.8]], dtype=np.float32), np.array([[0]]), None, np.zeros(3), Blend(w_knn=1.0, k=1)
+    )
     assert int(sc.top[0]) == 0 and np.isfinite(sc.features).all()
     assert json.dumps(sc.features.tolist())
 
@@ -178,6 +209,10 @@ def test_score_one_matches_score_batch() -> None:
             scores, feats, top, second, knn_top = score_one(probs[0], sims[0], labels[0], 0.2, prior, blend)
             assert (top, second) == (int(sc.top[0]), int(sc.second[0]))
             assert feats == pytest.approx(sc.features[0], abs=1e-5)
-            assert scores == pytest.approx(sc.scores[0], abs=1e-5) and knn_top == pytest.approx(sc.knn[0, top])
-            cal = Calibration(coef=(0.5, -1.0, 0.2, 0.3, 0.1, -0.4), mean=(1.0,) * 6, scale=(2.0,) * 6, bias=0.1)
+            assert scores == pytest.approx(sc.scores[0], abs=1e-5) and knn_top == pytest.approx(
+                sc.knn[0, top]
+            )
+            cal = Calibration(
+                coef=(0.5, -1.0, 0.2, 0.3, 0.1, -0.4), mean=(1.0,) * 6, scale=(2.0,) * 6, bias=0.1
+            )
             assert calibrate(feats, cal.linear()) == pytest.approx(calibrate(sc.features, cal)[0])

@@ -1,4 +1,4 @@
-"""Training: data readers and checks, a tiny end-to-end train, determinism, the embedded model's reproducibility."""
+"""Training: data readers and checks, a tiny end-to-end train, determinism, the embedded model."""
 
 from __future__ import annotations
 
@@ -26,10 +26,22 @@ TINY: dict[str, Any] = {
             "intent": "alarm.set",
             "description": {"en": "Set an alarm"},
             "examples": {
-                "en": ["set an alarm for 7:30", "wake me up at 6 am", "alarm at eight please", "set alarm for 9",
-                       "please wake me at 7", "i need an alarm at 5:45", "create an alarm for noon"],
-                "ru": ["поставь будильник на 7:30", "разбуди меня в 6 утра", "заведи будильник на восемь",
-                       "будильник на девять", "разбуди в семь"],
+                "en": [
+                    "set an alarm for 7:30",
+                    "wake me up at 6 am",
+                    "alarm at eight please",
+                    "set alarm for 9",
+                    "please wake me at 7",
+                    "i need an alarm at 5:45",
+                    "create an alarm for noon",
+                ],
+                "ru": [
+                    "поставь будильник на 7:30",
+                    "разбуди меня в 6 утра",
+                    "заведи будильник на восемь",
+                    "будильник на девять",
+                    "разбуди в семь",
+                ],
             },
             "negatives": {"en": ["what alarms do i have"]},
         },
@@ -38,33 +50,74 @@ TINY: dict[str, Any] = {
             "description": {"en": "Weather"},
             "prior": 0.5,
             "examples": {
-                "en": ["what is the weather", "weather in berlin", "will it rain today", "is it cold outside",
-                       "how hot is it", "forecast for tomorrow", "do i need an umbrella"],
-                "ru": ["какая погода", "погода в москве", "будет ли дождь", "холодно ли на улице", "прогноз погоды"],
+                "en": [
+                    "what is the weather",
+                    "weather in berlin",
+                    "will it rain today",
+                    "is it cold outside",
+                    "how hot is it",
+                    "forecast for tomorrow",
+                    "do i need an umbrella",
+                ],
+                "ru": [
+                    "какая погода",
+                    "погода в москве",
+                    "будет ли дождь",
+                    "холодно ли на улице",
+                    "прогноз погоды",
+                ],
             },
         },
         {
             "intent": "music.play",
             "description": {"en": "Play music"},
             "examples": {
-                "en": ["play some music", "put on jazz", "play my playlist", "i want to hear rock", "start the music",
-                       "play a song", "music please"],
-                "ru": ["включи музыку", "поставь джаз", "включи плейлист", "хочу послушать рок", "играй песню"],
+                "en": [
+                    "play some music",
+                    "put on jazz",
+                    "play my playlist",
+                    "i want to hear rock",
+                    "start the music",
+                    "play a song",
+                    "music please",
+                ],
+                "ru": [
+                    "включи музыку",
+                    "поставь джаз",
+                    "включи плейлист",
+                    "хочу послушать рок",
+                    "играй песню",
+                ],
             },
         },
         {
             "intent": "timer.start",
             "description": {"en": "Start a timer"},
             "examples": {
-                "en": ["set a timer for 10 minutes", "timer for five minutes", "start a timer", "count down 3 minutes",
-                       "timer 20 minutes"],
-                "ru": ["поставь таймер на 10 минут", "таймер на пять минут", "засеки 3 минуты", "запусти таймер"],
+                "en": [
+                    "set a timer for 10 minutes",
+                    "timer for five minutes",
+                    "start a timer",
+                    "count down 3 minutes",
+                    "timer 20 minutes",
+                ],
+                "ru": [
+                    "поставь таймер на 10 минут",
+                    "таймер на пять минут",
+                    "засеки 3 минуты",
+                    "запусти таймер",
+                ],
             },
         },
     ],
     "out_of_scope": {
-        "en": ["tell me about your feelings", "who won the football game", "what is the meaning of life",
-               "how do i bake bread", "book a flight to paris"],
+        "en": [
+            "tell me about your feelings",
+            "who won the football game",
+            "what is the meaning of life",
+            "how do i bake bread",
+            "book a flight to paris",
+        ],
         "ru": ["расскажи о своих чувствах", "кто выиграл матч", "как испечь хлеб", "в чем смысл жизни"],
     },
 }
@@ -84,7 +137,9 @@ def train_tiny(tmp: Path, seed: int = 13) -> Path:
     """Train the tiny catalog through the CLI (catalog rows, oos rows used) into ``tmp/models``."""
     catalog_dir = write_tiny_catalog(tmp / "catalog")
     out = tmp / "models"
-    code = trainer.main(["--catalog", str(catalog_dir), "--out", str(out), "--seed", str(seed), "--quiet", "--activate"])
+    code = trainer.main(
+        ["--catalog", str(catalog_dir), "--out", str(out), "--seed", str(seed), "--quiet", "--activate"]
+    )
     assert code == 0
     pointer = json.loads((out / "active.json").read_text(encoding="utf-8"))
     return out / pointer["model_id"]
@@ -99,8 +154,17 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_tiny_model_folder_is_complete(tiny_model: Path) -> None:
     manifest = verify_model_dir(tiny_model)
     names = {f.path for f in manifest.files}
-    for required in ("model.onnx", "vocab.json", "faiss.index", "faiss_negatives.index", "intents_manifest.json",
-                     "masking_rules.json", "examples_manifest.jsonl", "ranker_config.json", "metrics.json"):
+    for required in (
+        "model.onnx",
+        "vocab.json",
+        "faiss.index",
+        "faiss_negatives.index",
+        "intents_manifest.json",
+        "masking_rules.json",
+        "examples_manifest.jsonl",
+        "ranker_config.json",
+        "metrics.json",
+    ):
         assert required in names
     assert not any(n.endswith((".pt", ".pkl", ".pickle", ".bin")) for n in names)
     assert manifest.model_id == tiny_model.name
@@ -147,14 +211,24 @@ def test_rows_from_jsonl_reads_bench_and_hub_rows(tmp_path: Path) -> None:
     path = tmp_path / "rows.jsonl"
     lines = [
         {"text": "play jazz", "intent": "music.play", "lang": "en", "split": "train"},
-        {"schema_version": 1, "intent": "alarm.set", "text": "wake me at [7:30](time)", "split": "val",
-         "owner": {"type": "skill", "id": "x"}, "source": "teacher", "example_id": "e1"},
+        {
+            "schema_version": 1,
+            "intent": "alarm.set",
+            "text": "wake me at [7:30](time)",
+            "split": "val",
+            "owner": {"type": "skill", "id": "x"},
+            "source": "teacher",
+            "example_id": "e1",
+        },
         {"text": "meaning of life", "intent": "oos", "lang": "en", "split": "test"},
     ]
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n", encoding="utf-8")
     rows = rows_from_jsonl(path)
-    assert rows == [Row("play jazz", "music.play", "en", "train"), Row("wake me at 7:30", "alarm.set", "", "val"),
-                    Row("meaning of life", "oos", "en", "test")]
+    assert rows == [
+        Row("play jazz", "music.play", "en", "train"),
+        Row("wake me at 7:30", "alarm.set", "", "val"),
+        Row("meaning of life", "oos", "en", "test"),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -182,7 +256,13 @@ def _pairs(rows: list[Row]) -> list[tuple[Row, str]]:
 
 def test_prepare_reports_bad_data(tmp_path: Path) -> None:
     catalog = load_catalog(write_tiny_catalog(tmp_path / "catalog"))
-    train = [Row("a b", "x.one"), Row("c d", "x.two"), Row("same", "x.one"), Row("same", "x.two"), Row("c d", "x.two")]
+    train = [
+        Row("a b", "x.one"),
+        Row("c d", "x.two"),
+        Row("same", "x.one"),
+        Row("same", "x.two"),
+        Row("c d", "x.two"),
+    ]
     prep = prepare(_pairs(train), _pairs([Row("a b", "x.one", split="val")]), catalog, False)
     assert prep.report.conflicts and prep.report.duplicates_dropped == 1
     assert prep.train_texts == ["a b", "c d"]
@@ -209,9 +289,12 @@ def test_embedded_model_is_reproducible(tmp_path: Path) -> None:
     from tools._data import data_digest  # noqa: PLC0415
 
     if data_digest(train + val) != manifest.data_digest:
-        pytest.skip("catalog changed since the embedded model was trained: run python -m tools.train --activate")
-    path = trainer.train_model(train, val, tmp_path, catalog=catalog, seed=manifest.seed, progress=False,
-                               use_oos_train=True)
+        pytest.skip(
+            "catalog changed since the embedded model was trained: run python -m tools.train --activate"
+        )
+    path = trainer.train_model(
+        train, val, tmp_path, catalog=catalog, seed=manifest.seed, progress=False, use_oos_train=True
+    )
     new = msgspec.json.decode((path / "metrics.json").read_bytes())
     old = msgspec.json.decode((committed / "metrics.json").read_bytes())
     assert new["val_accuracy"] >= old["val_accuracy"] - 0.01

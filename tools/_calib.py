@@ -49,7 +49,7 @@ def fit_blend(val: ValBatch, log_prior: np.ndarray, k: int) -> tuple[Blend, dict
 
 
 def _logistic(x: np.ndarray, y: np.ndarray, l2: float, iters: int = 200) -> tuple[np.ndarray, float]:
-    """L2-regularized logistic regression by Newton steps (bias regularized lightly, so one-class data stays finite)."""
+    """L2-regularized logistic regression (Newton); a light bias penalty keeps one-class data finite."""
     n, d = x.shape
     xb = np.hstack([x, np.ones((n, 1))])
     w = np.zeros(d + 1)
@@ -88,8 +88,10 @@ def fit_neg_margin(neg_gap: np.ndarray, gold: np.ndarray, correct: np.ndarray) -
     best_gain, best_margin = 0.0, NEVER_REJECT
     for margin in NEG_MARGIN_GRID:
         rejected = neg_gap > margin
-        gain = float(rejected[oos].sum()) - 2.0 * float(rejected[~oos & correct].sum()) - 0.5 * float(
-            rejected[~oos & ~correct].sum()
+        gain = (
+            float(rejected[oos].sum())
+            - 2.0 * float(rejected[~oos & correct].sum())
+            - 0.5 * float(rejected[~oos & ~correct].sum())
         )
         if gain > best_gain:
             best_gain, best_margin = gain, margin
@@ -107,7 +109,9 @@ def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int 
     return float(total)
 
 
-def fit_all(val: ValBatch, log_prior: np.ndarray, k: int) -> tuple[Blend, Calibration, float, dict[str, float]]:
+def fit_all(
+    val: ValBatch, log_prior: np.ndarray, k: int
+) -> tuple[Blend, Calibration, float, dict[str, float]]:
     """Blend, then calibration (with 2-fold cross-fitted ECE for an honest figure), then reject margin."""
     blend, report = fit_blend(val, log_prior, k)
     sc = score_batch(val.probs, val.sims, val.labels, val.neg_sims, log_prior, blend)

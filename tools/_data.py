@@ -1,4 +1,4 @@
-"""Training rows: from the catalog, from bench / hub-export JSONL, and their validation after canonicalization."""
+"""Training rows from the catalog or bench / hub-export JSONL, and their checks after canonicalization."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def _split_list(items: list[str]) -> list[tuple[str, str]]:
 
 
 def rows_from_catalog(catalog: Catalog) -> tuple[list[Row], list[Row]]:
-    """Deterministic (train, val) split of the catalog's examples; negatives and out_of_scope become ``oos`` rows."""
+    """Deterministic (train, val) split of the catalog examples; negatives and out_of_scope become ``oos``."""
     train: list[Row] = []
     val: list[Row] = []
     for name, intent in catalog.intents.items():
@@ -82,7 +82,7 @@ def _field(obj: dict[str, object], key: str, where: str, required: bool = True) 
 
 
 def rows_from_jsonl(path: Path | str) -> list[Row]:
-    """Rows of a bench file ``{text, intent, lang, split}`` or an AdaOS hub export ``{schema_version, intent, text, split, owner, ...}``."""
+    """Rows of a bench file ``{text, intent, lang, split}`` or a hub export ``{intent, text, split, ...}``."""
     path = Path(path)
     rows: list[Row] = []
     try:
@@ -130,7 +130,7 @@ class Prepared(msgspec.Struct):
 def prepare(
     train: list[tuple[Row, str]], val: list[tuple[Row, str]], catalog: Catalog, use_oos_train: bool
 ) -> Prepared:
-    """Check (row, masked text) pairs: bad names, empty classes, unknown val intents; drop duplicates and conflicts."""
+    """Check (row, masked) pairs: names, empty classes, unknown val intents; drop duplicates, conflicts."""
     report = DataReport()
     for row, masked in train + val:
         if not masked.strip():
@@ -143,7 +143,9 @@ def prepare(
     conflicts = {t for t, names in by_text.items() if len(names - {OOS}) > 1}
     if conflicts:
         report.conflicts = sorted(f"{t!r}: {sorted(by_text[t])}" for t in conflicts)
-        _LOGGER.warning("%d texts appear under several intents; dropped: %s", len(conflicts), report.conflicts[:10])
+        _LOGGER.warning(
+            "%d texts appear under several intents; dropped: %s", len(conflicts), report.conflicts[:10]
+        )
     intents = sorted({row.intent for row, _ in train if row.intent != OOS and row.intent})
     seen: set[tuple[str, str]] = set()
     texts: list[str] = []
@@ -167,7 +169,7 @@ def prepare(
         texts.append(masked)
         labels.append(index.get(row.intent, -1))
         locales.append(row.locale)
-    counts = defaultdict(int)
+    counts: dict[int, int] = defaultdict(int)
     for label in labels:
         counts[label] += 1
     empty = [name for name in intents if counts[index[name]] == 0]

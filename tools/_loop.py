@@ -24,7 +24,7 @@ _LOGGER = logging.getLogger(__name__)
 class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Optimisation settings (stored with the model)."""
 
-    epochs: int = 16
+    epochs: int = 20
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -33,9 +33,9 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     supcon_tau: float = 0.1
     oe_weight: float = 0.5  # outlier exposure: push oos rows towards a uniform softmax
     augment_rate: float = 0.3
-    ngram_dropout: float = 0.2  # drop n-gram ids (the bag must not lean on a few n-grams)
-    word_dropout: float = 0.1  # replace word ids by "unknown" (the char CNN must carry unseen words)
-    label_smoothing: float = 0.0
+    ngram_dropout: float = 0.0  # drop n-gram ids (measured: no gain on CLINC150, see docs/RANKER.md)
+    word_dropout: float = 0.0  # replace word ids by "unknown" (measured: no gain)
+    label_smoothing: float = 0.1
     threads: int = 2
 
 

@@ -1,4 +1,4 @@
-"""The torch encoder (training only): char-CNN per word + word embedding → BiLSTM, plus an n-gram bag branch."""
+"""The torch encoder (training only): char-CNN per word + word embedding → BiLSTM, plus an n-gram bag."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ class NetConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     conv_channels: int = 32
     word_dim: int = 64
     hidden: int = 96
-    bag_dim: int = 96
+    bag_dim: int = 64
     proj_dim: int = 64
     dropout: float = 0.3
+    bag_weights: bool = False  # learn a weight per n-gram (an IDF-like weighted mean) instead of a plain mean
 
 
 class Dense(nn.Module):
@@ -52,6 +53,7 @@ class Net(nn.Module):
         lstm_in = cfg.conv_channels * len(cfg.conv_widths) + cfg.word_dim
         self.lstm = nn.LSTM(lstm_in, cfg.hidden, batch_first=True, bidirectional=True)
         self.bag_emb = nn.Embedding(cfg.n_ngrams, cfg.bag_dim, padding_idx=0, sparse=True)
+        self.bag_w = nn.Embedding(cfg.n_ngrams, 1, padding_idx=0, sparse=True) if cfg.bag_weights else None
         enc_dim = 4 * cfg.hidden
         self.drop = nn.Dropout(cfg.dropout)
         self.head_enc = Dense(enc_dim, cfg.n_classes)
@@ -60,7 +62,8 @@ class Net(nn.Module):
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         """The big embedding tables: trained with sparse gradients (only touched rows are updated)."""
-        return [self.word_emb.weight, self.bag_emb.weight]
+        tables = [self.word_emb.weight, self.bag_emb.weight] + ([self.bag_w.weight] if self.bag_w is not None else [])
+        return [p for p in self.parameters() if any(p is t for t in tables)]
 
     def branches(
         self, chars: torch.Tensor, words: torch.Tensor, ngrams: torch.Tensor
@@ -81,7 +84,9 @@ class Net(nn.Module):
         out, _ = self.lstm(self.drop(word_in))  # [B, W, 2H]; batches share one length
         enc = torch.cat([out.amax(dim=1), out.mean(dim=1)], dim=1)
         mask = (ngrams > 0).unsqueeze(2).to(out.dtype)
-        bag = (self.bag_emb(ngrams) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        if self.bag_w is not None:
+            mask = mask * F.softplus(self.bag_w(ngrams) + 1.0)
+        bag = (self.bag_emb(ngrams) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-3)
         return enc, bag
 
     def forward_train(

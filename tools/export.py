@@ -90,7 +90,9 @@ def run_batched(
     return probs, embs
 
 
-def export_int8(net: Net, feat: Featurizer, out: Path, check_texts: Sequence[str], threads: int = 2) -> dict[str, float]:
+def export_int8(
+    net: Net, feat: Featurizer, out: Path, check_texts: Sequence[str], threads: int = 2
+) -> dict[str, float]:
     """Export fp32 to a temp dir, quantize into ``out``, and check top-1 agreement on ``check_texts``."""
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "model.fp32.onnx"
@@ -101,7 +103,9 @@ def export_int8(net: Net, feat: Featurizer, out: Path, check_texts: Sequence[str
         p8, _ = run_batched(session(out, threads), feat, texts)
         with torch.no_grad():
             enc = feat.encode(texts[:1])
-            torch_p, _ = net(torch.from_numpy(enc.chars), torch.from_numpy(enc.words), torch.from_numpy(enc.ngrams))
+            torch_p, _ = net(
+                torch.from_numpy(enc.chars), torch.from_numpy(enc.words), torch.from_numpy(enc.ngrams)
+            )
         torch_gap = float(np.abs(torch_p.numpy() - p32[:1]).max())
         fp32_bytes = os.path.getsize(fp32)
     agreement = float((p32.argmax(axis=1) == p8.argmax(axis=1)).mean())
@@ -116,5 +120,7 @@ def export_int8(net: Net, feat: Featurizer, out: Path, check_texts: Sequence[str
     if torch_gap > 1e-3:
         raise ExportError(f"ONNX fp32 output differs from torch by {torch_gap:.2e}")
     if agreement < MIN_AGREEMENT:
-        raise ExportError(f"int8 and fp32 agree on top-1 for only {agreement:.2%} of {len(texts)} rows (< 99%)")
+        raise ExportError(
+            f"int8 and fp32 agree on top-1 for only {agreement:.2%} of {len(texts)} rows (< 99%)"
+        )
     return report

@@ -186,7 +186,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"# Benchmark: `{Path(m['data']).name}`",
         "",
         f"Model `{r['model_id']}`; test rows: {c['test']} ({c['inscope']} in-scope, {c['oos']} oos); "
-        f"train rows: {m['train_rows']} (oos rows used in training: {m['use_oos_train']}); "
+        f"train rows: {m['train_rows']} ({m.get('train_oos_rows', 0)} oos, "
+        f"{'used' if m['use_oos_train'] else 'not used'} in training); "
         f"val rows: {m['val_rows']} ({m['val_source']}); seed {m['seed']}; threads {e['threads']}; "
         f"gate {e['gate']}.",
         "",

@@ -1,4 +1,4 @@
-"""Train the neural ranker: canonicalize, fit the encoder, export int8 ONNX, build indexes, fit blend + calibration."""
+"""Train the ranker: canonicalize, fit the encoder, export int8 ONNX, index, fit blend and calibration."""
 
 from __future__ import annotations
 
@@ -37,10 +37,28 @@ _LOGGER = logging.getLogger(__name__)
 
 FLAT_MAX_BYTES = 2 << 20
 THRESHOLDS = {"accept": 0.80, "reject": 0.45, "margin": 0.10}
-CONTENT_FILES = ("model.onnx", VOCAB_NAME, "faiss.index", "faiss_negatives.index", "ranker_config.json",
-                 "intents_manifest.json", "examples_manifest.jsonl", "masking_rules.json")
-CODE_FILES = ("tools/train.py", "tools/_data.py", "tools/_loop.py", "tools/_model.py", "tools/_augment.py",
-              "tools/_calib.py", "tools/export.py", "skill/features.py", "skill/scoring.py", "skill/ranker.py")
+CONTENT_FILES = (
+    "model.onnx",
+    VOCAB_NAME,
+    "faiss.index",
+    "faiss_negatives.index",
+    "ranker_config.json",
+    "intents_manifest.json",
+    "examples_manifest.jsonl",
+    "masking_rules.json",
+)
+CODE_FILES = (
+    "tools/train.py",
+    "tools/_data.py",
+    "tools/_loop.py",
+    "tools/_model.py",
+    "tools/_augment.py",
+    "tools/_calib.py",
+    "tools/export.py",
+    "skill/features.py",
+    "skill/scoring.py",
+    "skill/ranker.py",
+)
 
 
 def code_version() -> str:
@@ -73,7 +91,7 @@ def _auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
 
 
 def _coverage(conf: np.ndarray, correct: np.ndarray, precision: float = 0.99) -> float:
-    """Largest share of rows acceptable (by descending confidence) with accepted precision >= ``precision``."""
+    """Largest share of rows accepted (by descending confidence) with precision >= ``precision``."""
     order = np.argsort(-conf, kind="mergesort")
     prec = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
     ok = np.nonzero(prec >= precision)[0]
@@ -81,11 +99,13 @@ def _coverage(conf: np.ndarray, correct: np.ndarray, precision: float = 0.99) ->
 
 
 def _write_json(path: Path, obj: object) -> None:
-    path.write_bytes(json.dumps(msgspec.to_builtins(obj), ensure_ascii=False, indent=1, sort_keys=True).encode())
+    path.write_bytes(
+        json.dumps(msgspec.to_builtins(obj), ensure_ascii=False, indent=1, sort_keys=True).encode()
+    )
 
 
 def _index(vectors: np.ndarray, dim: int) -> faiss.Index:
-    """Exact inner product; past FLAT_MAX_BYTES the vectors are stored as 8-bit scalars (4x smaller, recall ~0.98)."""
+    """Exact inner product; past FLAT_MAX_BYTES vectors are stored as 8-bit scalars (4x smaller)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if vectors.nbytes <= FLAT_MAX_BYTES:
         index: faiss.Index = faiss.IndexFlatIP(dim)
@@ -134,17 +154,21 @@ def train_model(
     use_oos_train: bool = False,
     config: TrainConfig | None = None,
 ) -> Path:
-    """Train, export, index, fit and write a complete model folder ``out_root/<model_id>``; return its path."""
+    """Train, export, index, fit and write a model folder ``out_root/<model_id>``; return its path."""
     started = time.monotonic()
     cfg = config or TrainConfig()
     canon = Canonicalizer(catalog)
     train = _canonical([r for r in train_rows if r.split != "test"], canon)
     val = _canonical([r for r in val_rows if r.split != "test"], canon)
     prep = prepare(train, val, catalog, use_oos_train)
-    _LOGGER.info("training on %d rows, %d intents, %d val rows", len(prep.train_texts), len(prep.intents), len(val))
+    _LOGGER.info(
+        "training on %d rows, %d intents, %d val rows", len(prep.train_texts), len(prep.intents), len(val)
+    )
     vocab = build_vocab(prep.train_texts)
     feat = Featurizer(vocab)
-    net = fit_net(feat, prep.train_texts, prep.train_labels, len(prep.intents), seed=seed, cfg=cfg, progress=progress)
+    net = fit_net(
+        feat, prep.train_texts, prep.train_labels, len(prep.intents), seed=seed, cfg=cfg, progress=progress
+    )
     train_seconds = time.monotonic() - started
 
     out_root = Path(out_root)
@@ -153,7 +177,9 @@ def train_model(
     work.chmod(0o755)
     try:
         val_in = [t for t, y in zip(prep.val_texts, prep.val_labels, strict=True) if y >= 0]
-        export_report = export_int8(net, feat, work / "model.onnx", val_in or prep.train_texts, threads=cfg.threads)
+        export_report = export_int8(
+            net, feat, work / "model.onnx", val_in or prep.train_texts, threads=cfg.threads
+        )
         sess = session(work / "model.onnx", cfg.threads)
         dim = net.cfg.proj_dim
         pos_idx = [i for i, y in enumerate(prep.train_labels) if y >= 0]
@@ -182,7 +208,9 @@ def train_model(
         inside = gold >= 0
         metrics: dict[str, object] = {
             "val_accuracy": float(correct[inside].mean()) if inside.any() else None,
-            "val_accuracy_softmax": float((val_probs.argmax(1) == gold)[inside].mean()) if inside.any() else None,
+            "val_accuracy_softmax": float((val_probs.argmax(1) == gold)[inside].mean())
+            if inside.any()
+            else None,
             "val_auroc_oos": _auroc(conf, inside),
             "val_coverage_at_99": _coverage(conf, correct),
             "val_ece": expected_calibration_error(conf, correct),
@@ -194,16 +222,28 @@ def train_model(
             "data": msgspec.to_builtins(prep.report),
         }
 
-        pos_rows = [ExampleRow(prep.train_texts[i], prep.intents[prep.train_labels[i]], prep.train_locales[i]) for i in pos_idx]
-        neg_rows = [ExampleRow(prep.train_texts[i], OOS, prep.train_locales[i], negative=True) for i in neg_idx]
-        (work / "examples_manifest.jsonl").write_bytes(b"".join(msgspec.json.encode(r) + b"\n" for r in pos_rows + neg_rows))
+        pos_rows = [
+            ExampleRow(prep.train_texts[i], prep.intents[prep.train_labels[i]], prep.train_locales[i])
+            for i in pos_idx
+        ]
+        neg_rows = [
+            ExampleRow(prep.train_texts[i], OOS, prep.train_locales[i], negative=True) for i in neg_idx
+        ]
+        (work / "examples_manifest.jsonl").write_bytes(
+            b"".join(msgspec.json.encode(r) + b"\n" for r in pos_rows + neg_rows)
+        )
         (work / VOCAB_NAME).write_bytes(msgspec.json.encode(vocab))
         _write_json(work / "intents_manifest.json", infos)
         _write_json(work / "masking_rules.json", canon.rules())
         train_info = {**msgspec.to_builtins(cfg), "seed": seed, "use_oos_train": use_oos_train}
         ranker_cfg = RankerConfig(
-            intents=prep.intents, blend=blend, calibration=cal, neg_margin=neg_margin, thresholds=dict(THRESHOLDS),
-            net=msgspec.to_builtins(net.cfg), train=train_info,
+            intents=prep.intents,
+            blend=blend,
+            calibration=cal,
+            neg_margin=neg_margin,
+            thresholds=dict(THRESHOLDS),
+            net=msgspec.to_builtins(net.cfg),
+            train=train_info,
         )
         _write_json(work / "ranker_config.json", ranker_cfg)
 
@@ -211,7 +251,7 @@ def train_model(
         for fname in CONTENT_FILES:
             if (work / fname).is_file():
                 content.update(fname.encode() + b"\0" + (work / fname).read_bytes())
-        model_id = f"{name}-{dt.datetime.now(dt.timezone.utc):%Y%m%d}-{content.hexdigest()[:8]}"
+        model_id = f"{name}-{dt.datetime.now(dt.UTC):%Y%m%d}-{content.hexdigest()[:8]}"
         metrics["model_bytes"] = (work / "model.onnx").stat().st_size
         metrics["total_seconds"] = round(time.monotonic() - started, 1)
         _write_json(work / "metrics.json", metrics)
@@ -219,7 +259,7 @@ def train_model(
         write_manifest(
             work,
             model_id=model_id,
-            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             data_digest=data_digest(all_rows),
             seed=seed,
             code_version=code_version(),
@@ -233,7 +273,12 @@ def train_model(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    _LOGGER.info("model %s written (val accuracy %s, %.1f s)", model_id, metrics["val_accuracy"], metrics["total_seconds"])
+    _LOGGER.info(
+        "model %s written (val accuracy %s, %.1f s)",
+        model_id,
+        metrics["val_accuracy"],
+        metrics["total_seconds"],
+    )
     return final
 
 
@@ -248,22 +293,28 @@ def activate(out_root: Path, model_id: str) -> None:
         except (ValueError, AttributeError):
             _LOGGER.warning("%s is unreadable; overwriting it", pointer)
     tmp = pointer.with_name(".active.json.tmp")
-    tmp.write_text(json.dumps({"model_id": model_id, "previous": previous}, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(
+        json.dumps({"model_id": model_id, "previous": previous}, indent=2) + "\n", encoding="utf-8"
+    )
     os.replace(tmp, pointer)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``python -m tools.train [--catalog DIR] [--data FILE.jsonl] [--out DIR] [--seed N] [--name NAME] [--activate]``."""
+    """CLI: ``python -m tools.train [--catalog DIR] [--data FILE] [--out DIR] [--seed N] [--activate]``."""
     parser = argparse.ArgumentParser(prog="python -m tools.train", description=__doc__)
-    parser.add_argument("--catalog", default="catalog", help="catalog directory (canonicalization; default data)")
+    parser.add_argument(
+        "--catalog", default="catalog", help="catalog directory (canonicalization; default data)"
+    )
     parser.add_argument("--data", help="JSONL rows (bench format or AdaOS hub export) instead of the catalog")
     parser.add_argument("--out", default="models", help="models root; the model goes to OUT/<model_id>/")
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--name", default="node-default")
     parser.add_argument("--activate", action="store_true", help="point OUT/active.json at the new model")
     parser.add_argument(
-        "--use-oos-train", action=argparse.BooleanOptionalAction, default=None,
-        help="train on oos rows (outlier exposure + negatives index); default: on for the catalog, off for --data",
+        "--use-oos-train",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train on oos rows (outlier exposure, negatives index); default: on for catalog, off for --data",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -277,8 +328,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             train, val = rows_from_catalog(catalog)
         use_oos = args.use_oos_train if args.use_oos_train is not None else not args.data
-        path = train_model(train, val, Path(args.out), catalog=catalog, seed=args.seed, name=args.name,
-                           progress=not args.quiet, use_oos_train=use_oos)
+        path = train_model(
+            train,
+            val,
+            Path(args.out),
+            catalog=catalog,
+            seed=args.seed,
+            name=args.name,
+            progress=not args.quiet,
+            use_oos_train=use_oos,
+        )
     except (DataError, ValueError) as exc:
         _LOGGER.error("%s", exc)
         return 2
