@@ -30,7 +30,7 @@ class FeatureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     word_ngram_max: int = 2
     max_ngrams: int = 384
     min_count: int = 2
-    max_vocab_ngrams: int = 28_000
+    max_vocab_ngrams: int = 24_000
     max_vocab_words: int = 20_000
 
 

@@ -201,7 +201,11 @@ class Ranker:
             Candidate(self._names[i], round(c, 6))
             for i, c in alternative_confidences(scores, top, conf, ALTERNATIVES)
         )
-        matched = [self._pos[int(r)].text for r, lab in zip(rows[0], labels[0], strict=True) if lab == top]
+        matched = [
+            self._pos[r].text
+            for r, lab in zip(rows[0].tolist(), labels[0].tolist(), strict=True)
+            if lab == top
+        ]
         nearest_negative = None
         if neg_sim is not None and neg_row >= 0:
             n = self._neg[neg_row]

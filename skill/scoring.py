@@ -109,7 +109,9 @@ def score_one(  # noqa: PLR0917 - a pure function over parallel arrays
     knn = np.full(len(probs), floor, dtype=np.float32)
     if best:
         knn[list(best)] = list(best.values())
-    scores = blend.w_softmax * log_p + blend.w_knn * knn + blend.w_prior * log_prior
+    scores = blend.w_softmax * log_p + blend.w_knn * knn
+    if blend.w_prior:
+        scores += blend.w_prior * log_prior
     if len(scores) > 2:
         two = np.argpartition(-scores, 1)[:2]
         top, second = (
@@ -130,15 +132,15 @@ def score_one(  # noqa: PLR0917 - a pure function over parallel arrays
 
 
 def alternative_confidences(scores: np.ndarray, top: int, conf: float, n: int) -> list[tuple[int, float]]:
-    """The next ``n`` intents, sharing ``1 - conf`` in proportion to their blended softmax mass."""
+    """The next ``n`` intents: ``conf`` times their softmax ratio to the top, capped by a share of 1-conf."""
     q = np.exp(scores - scores.max())
     rest = q.sum() - q[top]
     head = np.argpartition(-scores, n)[: n + 1] if len(scores) > n + 1 else np.arange(len(scores))
     head = head[np.argsort(-scores[head], kind="stable")]
     order = [int(i) for i in head if i != top][:n]
-    if rest <= 0.0:
+    if rest <= 0.0 or q[top] <= 0.0:
         return [(i, 0.0) for i in order]
-    return [(i, float((1.0 - conf) * q[i] / rest)) for i in order]
+    return [(i, float(min(conf * q[i] / q[top], (1.0 - conf) * q[i] / rest))) for i in order]
 
 
 def log_priors(priors: list[float]) -> np.ndarray:

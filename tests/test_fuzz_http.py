@@ -340,6 +340,35 @@ def test_real_utterances_answer(service: Service) -> None:
         _post(service, "real", json.dumps({"text": text}).encode())
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"text": "\x80"}',  # invalid UTF-8 inside a string (was a 500: UnicodeDecodeError)
+        b'{"text": "ok \xc3\x28 ok"}',
+        b'{"text": "\xed\xa0\x80"}',  # a UTF-8-encoded surrogate
+        b'{"text": "hi", "entities": {"a": '
+        + b"[" * 30_000
+        + b"]" * 30_000
+        + b"}}",  # was a 500: RecursionError
+        b'{"text": "hi", "entities": ' + b'{"a":' * 5_000 + b"1" + b"}" * 5_000 + b"}",
+        b'{"text": "hi", "entities": {"a": ' + b"[" * 60_000,  # deep and unterminated
+    ],
+    ids=[
+        "utf8-lone-continuation",
+        "utf8-bad-pair",
+        "utf8-surrogate",
+        "deep-list",
+        "deep-object",
+        "deep-open",
+    ],
+)
+def test_found_bugs_stay_fixed(service: Service, body: bytes) -> None:
+    """Inputs that used to answer 500: now a 400 ``invalid_json`` with the one error shape."""
+    status, hdrs, data = service.request("POST", "/parse", body, {"Content-Type": "application/json"})
+    check_answer("regression", "POST", "/parse", status, hdrs, data, body)
+    assert status == 400 and json.loads(data)["error"] == "invalid_json"
+
+
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_random_json_bodies(service: Service, budget: str) -> None:
     run_fuzz(JSON, EXAMPLES[budget], lambda v: _post(service, "random_json", json.dumps(v).encode()))

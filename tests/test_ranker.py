@@ -163,6 +163,8 @@ def test_alternatives_share_the_rest() -> None:
     alts = alternative_confidences(scores, 0, 0.8, 4)
     assert [i for i, _ in alts] == [1, 2]
     assert sum(c for _, c in alts) == pytest.approx(0.2)
+    low = alternative_confidences(scores, 0, 0.05, 4)  # an unsure top: no alternative beats it
+    assert all(c <= 0.05 for _, c in low) and low[0][1] == pytest.approx(0.025)
 
 
 def test_blend_prefers_informative_knn() -> None:

@@ -271,6 +271,15 @@ def test_pipeline_regex_path_on_1000_chars(stage: RegexStage) -> None:
     assert worst < 1000.0
 
 
+def test_the_inputs_would_expose_catastrophic_backtracking() -> None:
+    """Canary: a known-bad rule gets the attack shape, and on it the engine's cost really explodes."""
+    bad = CompiledRule("x.bad", "bad", re.compile(r"^(?:a+)+b$"), "any", 0, 0)
+    pumped = [t for t in adversarial_inputs(bad) if t.startswith("a" * 900) and not t.endswith("b")]
+    assert pumped, "no pumped near-miss input for a nested quantifier"
+    # 2^n steps: 22 characters of the same shape already cost far more than 16 do (the full 1000 never ends).
+    assert time_search(bad.pattern, "a" * 22 + "#", 1) > 8 * time_search(bad.pattern, "a" * 16 + "#", 1)
+
+
 def test_adversarial_inputs_are_deterministic(stage: RegexStage) -> None:
     rule = stage.rules[0]
     assert adversarial_inputs(rule, 1) == adversarial_inputs(rule, 1)

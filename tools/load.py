@@ -15,6 +15,7 @@ stops by itself; nothing but 127.0.0.0/8 / ::1 is ever contacted.
 
     python -m tools.load                       # concurrency steps, ~2 minutes
     python -m tools.load --soak 600            # 10-minute soak
+    python -m tools.load --soak 600 --rate 150 # the same, paced (kind to a shared machine)
     python -m tools.load --steps 1,8 --step-seconds 3 --out /tmp/load.json
 """
 
@@ -461,6 +462,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.soak = max(0.0, min(args.soak, MAX_SOAK_S))
     args.soak_concurrency = max(1, min(args.soak_concurrency, 512))
     args.sample_every = max(0.2, min(args.sample_every, 60.0))
+    args.rate = max(0.0, args.rate)
     args.warmup_seconds = max(0.0, min(args.warmup_seconds, 120.0))
     return args
 
