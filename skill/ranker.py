@@ -106,7 +106,8 @@ class Ranker:
         self._intents = intents
         self._threads = threads
         self._names = config.intents
-        self._labels = np.asarray([config.intents.index(r.intent) for r in positives_rows], dtype=np.int64)
+        position = {name: i for i, name in enumerate(config.intents)}
+        self._labels = np.asarray([position[r.intent] for r in positives_rows], dtype=np.int64)
         self._log_prior = log_priors([i.prior for i in intents])
         self._prior = np.exp(self._log_prior)
         self._calibration = config.calibration.linear()
@@ -172,8 +173,11 @@ class Ranker:
         return ranker
 
     def _warm_up(self) -> None:
-        for text in ("warm up", "прогрев модели {time}"):
-            self.score_text(text)
+        try:
+            for text in ("warm up", "прогрев модели {time}"):
+                self.score_text(text)
+        except Exception as exc:  # a graph that loads but cannot run these inputs is a broken model
+            raise ModelError(f"{self.model_dir}: warm-up failed: {exc}") from exc
 
     def score_text(
         self, masked: str

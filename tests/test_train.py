@@ -186,7 +186,7 @@ def test_fitted_config_and_pointer(tiny_model: Path) -> None:
     assert cfg["calibration"]["kind"] == "logistic"
     assert cfg["intents"] == sorted(i["intent"] for i in TINY["intents"])
     pointer = json.loads((tiny_model.parent / "active.json").read_text(encoding="utf-8"))
-    assert pointer == {"model_id": tiny_model.name, "previous": None}
+    assert pointer["model_id"] == tiny_model.name and pointer["previous"] is None
 
 
 def test_training_is_deterministic(tiny_model: Path, tmp_path: Path) -> None:
@@ -248,6 +248,15 @@ def test_rows_from_jsonl_names_the_bad_line(tmp_path: Path, line: str, message: 
     path.write_text('{"text": "ok", "intent": "a.b"}\n' + line + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=rf"bad\.jsonl:2: .*{message}"):
         rows_from_jsonl(path)
+
+
+def test_carve_val_is_deterministic_per_intent() -> None:
+    from tools._data import carve_val  # noqa: PLC0415
+
+    rows = [Row(f"text {i}", "a.b" if i % 2 else "c.d", "en") for i in range(20)]
+    train, val = carve_val(rows)
+    assert (train, val) == carve_val(rows)
+    assert len(val) == 4 and {r.intent for r in val} == {"a.b", "c.d"} and len(train) == 16
 
 
 def _pairs(rows: list[Row]) -> list[tuple[Row, str]]:

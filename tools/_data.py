@@ -72,6 +72,20 @@ def rows_from_catalog(catalog: Catalog) -> tuple[list[Row], list[Row]]:
     return train, val
 
 
+def carve_val(rows: list[Row]) -> tuple[list[Row], list[Row]]:
+    """Split train rows like the catalog: every 5th row of each (intent, locale) group becomes val."""
+    groups: dict[tuple[str, str], list[Row]] = defaultdict(list)
+    for row in rows:
+        groups[(row.intent, row.locale)].append(row)
+    train: list[Row] = []
+    val: list[Row] = []
+    for key in sorted(groups):
+        texts = [r.text for r in groups[key]]
+        for text, split in _split_list(texts):
+            (val if split == "val" else train).append(Row(text, key[0], key[1], split))
+    return train, val
+
+
 def _field(obj: dict[str, object], key: str, where: str, required: bool = True) -> str:
     value = obj.get(key)
     if value is None and not required:

@@ -29,7 +29,7 @@ _LOGGER = logging.getLogger(__name__)
 class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Optimisation settings (stored with the model)."""
 
-    epochs: int = 20
+    epochs: int = 30
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-4

@@ -62,7 +62,9 @@ class Net(nn.Module):
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         """The big embedding tables: trained with sparse gradients (only touched rows are updated)."""
-        tables = [self.word_emb.weight, self.bag_emb.weight] + ([self.bag_w.weight] if self.bag_w is not None else [])
+        tables = [self.word_emb.weight, self.bag_emb.weight] + (
+            [self.bag_w.weight] if self.bag_w is not None else []
+        )
         return [p for p in self.parameters() if any(p is t for t in tables)]
 
     def branches(

@@ -24,10 +24,21 @@ from skill.canonicalize import Canonicalizer
 from skill.catalog import Catalog, load_catalog
 from skill.features import VOCAB_NAME, Featurizer, build_vocab
 from skill.ranker import ExampleRow, IntentInfo, RankerConfig
+from skill.registry import write_pointer
 from skill.scoring import calibrate, log_priors, score_batch
 
 from ._calib import ValBatch, expected_calibration_error, fit_all
-from ._data import OOS, DataError, Prepared, Row, data_digest, prepare, rows_from_catalog, rows_from_jsonl
+from ._data import (
+    OOS,
+    DataError,
+    Prepared,
+    Row,
+    carve_val,
+    data_digest,
+    prepare,
+    rows_from_catalog,
+    rows_from_jsonl,
+)
 from ._loop import TrainConfig, fit_net
 from .export import export_int8, run_batched, session
 
@@ -297,20 +308,8 @@ def train_model(
 
 
 def activate(out_root: Path, model_id: str) -> None:
-    """Point ``out_root/active.json`` at ``model_id`` atomically, remembering the previous one."""
-    pointer = out_root / "active.json"
-    previous = None
-    if pointer.is_file():
-        try:
-            old = json.loads(pointer.read_text(encoding="utf-8"))
-            previous = old.get("model_id") if old.get("model_id") != model_id else old.get("previous")
-        except (ValueError, AttributeError):
-            _LOGGER.warning("%s is unreadable; overwriting it", pointer)
-    tmp = pointer.with_name(".active.json.tmp")
-    tmp.write_text(
-        json.dumps({"model_id": model_id, "previous": previous}, indent=2) + "\n", encoding="utf-8"
-    )
-    os.replace(tmp, pointer)
+    """Point ``out_root/active.json`` at ``model_id`` atomically (the service's own registry code)."""
+    write_pointer(out_root, model_id, who="tools.train", why="tools.train --activate")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
             rows = rows_from_jsonl(args.data)
             train = [r for r in rows if r.split == "train"]
             val = [r for r in rows if r.split == "val"]
+            if not val:
+                _LOGGER.info("%s has no val rows: carving every 5th row per intent and locale", args.data)
+                train, val = carve_val(train)
         else:
             train, val = rows_from_catalog(catalog)
         use_oos = args.use_oos_train if args.use_oos_train is not None else not args.data
