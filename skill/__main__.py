@@ -38,7 +38,8 @@ async def serve(state: ServiceState) -> None:
     if not cfg.api_token and not is_loopback(cfg.host if cfg.host != "localhost" else "127.0.0.1"):
         _LOGGER.warning(
             "bound to %s without NLU_API_TOKEN: /parse and /metrics are open to the network "
-            "(/reindex stays loopback-only)", cfg.host,
+            "(/reindex stays loopback-only)",
+            cfg.host,
         )
     app = create_app(state)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)

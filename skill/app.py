@@ -63,7 +63,9 @@ async def error_middleware(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return json_response(error_body(exc.reason.lower().replace(" ", "_"), exc.text or exc.reason), exc.status)
+        return json_response(
+            error_body(exc.reason.lower().replace(" ", "_"), exc.text or exc.reason), exc.status
+        )
     except Exception:  # noqa: BLE001 - last resort: a bug is a 500 with a logged trace
         _LOGGER.exception("unhandled error on %s %s", request.method, request.path)
         return json_response(error_body("internal_error", "internal error; see the service log"), 500)
@@ -75,10 +77,15 @@ async def auth_middleware(
 ) -> web.StreamResponse:
     """Bearer token when configured; model changes only from loopback otherwise."""
     denied = authorize(
-        request.path, request.remote, request.headers.get("Authorization"), request.app[STATE].config.api_token
+        request.path,
+        request.remote,
+        request.headers.get("Authorization"),
+        request.app[STATE].config.api_token,
     )
     if denied == "unauthorized":
-        return json_response(error_body(denied, "a valid 'Authorization: Bearer <token>' header is required"), 401)
+        return json_response(
+            error_body(denied, "a valid 'Authorization: Bearer <token>' header is required"), 401
+        )
     if denied is not None:
         return json_response(error_body(denied, "only loopback callers may do this without a token"), 403)
     return await handler(request)
@@ -121,7 +128,9 @@ async def handle_parse(request: web.Request) -> web.Response:
         raise BadRequest("text_required", "field 'text' is required and must not be empty", "text")
     if len(text) > state.config.max_text_chars:
         raise BadRequest(
-            "text_too_long", f"text is {len(text)} characters; the limit is {state.config.max_text_chars}", "text"
+            "text_too_long",
+            f"text is {len(text)} characters; the limit is {state.config.max_text_chars}",
+            "text",
         )
     locale = pick_locale(req)
     pipeline = state.pipeline  # one reference for the whole request: a reload cannot split it
@@ -136,7 +145,12 @@ async def handle_parse(request: web.Request) -> web.Response:
     request.app[DECISIONS].add(result, wire, request_id, elapsed)  # queued; written off the event loop
     _LOGGER.debug(
         "parse %s model=%s via=%s intent=%s conf=%.3f decision=%s",
-        request_id, result.model_id, wire["via"], wire["top_intent"], wire["confidence"], wire["decision"],
+        request_id,
+        result.model_id,
+        wire["via"],
+        wire["top_intent"],
+        wire["confidence"],
+        wire["decision"],
     )
     return json_response({"ok": True, **wire, "result": wire})
 

@@ -43,7 +43,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     llm_threads: int = 1  # more threads than free cores makes llama.cpp far slower, not faster
     watch_pointer: bool = True
     log_level: str = "INFO"
-    api_token: str | None = None  # when set, /parse, /reindex and /metrics need "Authorization: Bearer <token>"
+    api_token: str | None = (
+        None  # when set, /parse, /reindex and /metrics need "Authorization: Bearer <token>"
+    )
     audit_enabled: bool = True  # the decision audit log (JSON lines, rotated by size)
     audit_dir: str = ""  # "" = derived from ADAOS_LOGS_DIR or the platform log dir
     audit_text: Literal["text", "hash", "none"] = "text"  # what the log keeps of the input (privacy)

@@ -67,7 +67,7 @@ class BadRequest(ValueError):
 
 
 def normalize_locale(value: str) -> str | None:
-    """"ru-RU" / "en_US" / "RU" → "ru" / "en"; None when unsupported."""
+    """ "ru-RU" / "en_US" / "RU" → "ru" / "en"; None when unsupported."""
     primary = value.strip().replace("_", "-").split("-", 1)[0].lower()
     return primary if primary in SUPPORTED_LOCALES else None
 

@@ -41,7 +41,9 @@ def gate(decision: Decision, cfg: GateConfig, policy: IntentPolicy | None = None
     conf = decision.confidence
     runner_up = decision.alternatives[0].confidence if decision.alternatives else 0.0
     if decision.outcome is Outcome.REJECT or conf < cfg.reject:
-        return msgspec.structs.replace(decision, outcome=Outcome.REJECT, reason=decision.reason or "below_reject_threshold")
+        return msgspec.structs.replace(
+            decision, outcome=Outcome.REJECT, reason=decision.reason or "below_reject_threshold"
+        )
     if conf < accept:
         reason = "below_intent_threshold" if accept > cfg.accept and conf >= cfg.accept else "low_confidence"
         return msgspec.structs.replace(decision, outcome=Outcome.ABSTAIN, reason=reason)

@@ -43,8 +43,10 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Detect the intent of one utterance",
                     "requestBody": {"required": True, **_json("ParseRequest")},
                     "responses": {
-                        "200": {"description": "a decision (accept / abstain / reject)", "content": {
-                            "application/json": {"schema": object_body}}},
+                        "200": {
+                            "description": "a decision (accept / abstain / reject)",
+                            "content": {"application/json": {"schema": object_body}},
+                        },
                         "400": _err("bad input"),
                         "401": _err("missing or wrong bearer token"),
                         "413": _err("body over the limit"),
@@ -56,8 +58,14 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "summary": "Readiness and the active model",
                     "responses": {
-                        "200": {"description": "serving", "content": {"application/json": {"schema": object_body}}},
-                        "503": {"description": "loading", "content": {"application/json": {"schema": object_body}}},
+                        "200": {
+                            "description": "serving",
+                            "content": {"application/json": {"schema": object_body}},
+                        },
+                        "503": {
+                            "description": "loading",
+                            "content": {"application/json": {"schema": object_body}},
+                        },
                     },
                 }
             },
@@ -66,8 +74,10 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Reload the active model's artifacts and rebuild the indexes",
                     "requestBody": {"required": False, **_json("ReindexRequest")},
                     "responses": {
-                        "200": {"description": "reloaded (or refused, see ok)", "content": {
-                            "application/json": {"schema": object_body}}},
+                        "200": {
+                            "description": "reloaded (or refused, see ok)",
+                            "content": {"application/json": {"schema": object_body}},
+                        },
                         "400": _err("bad input"),
                         "401": _err("missing or wrong bearer token"),
                         "403": _err("not from loopback and no token configured"),

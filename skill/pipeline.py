@@ -130,9 +130,7 @@ class Pipeline:
         traces: list[StageTrace] = []
         started = time.perf_counter()
         canonical = self.canonicalizer.canonicalize(text, locale, hub_entities)
-        traces.append(
-            StageTrace("canonicalize", "ok", round((time.perf_counter() - started) * 1000.0, 3))
-        )
+        traces.append(StageTrace("canonicalize", "ok", round((time.perf_counter() - started) * 1000.0, 3)))
         final = self._decide(canonical, traces)
         intent = self.catalog.intents.get(final.intent) if final.intent else None
         evidence = dict(final.evidence)

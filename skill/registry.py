@@ -45,7 +45,7 @@ def write_pointer(root: Path, model_id: str, *, who: str = "", why: str = "") ->
     """Point ``root`` at ``model_id`` (atomically) and append the change to the history."""
     root.mkdir(parents=True, exist_ok=True)
     old = read_pointer(root)
-    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     pointer = Pointer(model_id=model_id, previous=old.model_id if old else None, updated=now)
     _atomic_write(root / POINTER_NAME, json.dumps(msgspec.to_builtins(pointer), indent=2).encode() + b"\n")
     entry = {

@@ -17,8 +17,8 @@ from .catalog import Catalog, load_catalog
 from .config import Config
 from .gate import GateConfig
 from .pipeline import FallbackStage, ModelStage, Pipeline
-from .registry import resolve_model_dir
 from .regex_stage import RegexStage
+from .registry import resolve_model_dir
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class ReloadEvent(msgspec.Struct, frozen=True):
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def load_ranker(model_dir: Path, threads: int) -> ModelStage:
@@ -157,7 +157,9 @@ class ServiceState:
             gate_config=self._gate_config(ranker),
         )
         self.pipeline = pipeline  # the swap: one reference assignment
-        self.stages["canonicalize"] = StageStatus(True, f"{sum(len(v) for v in catalog.entities.values())} entities")
+        self.stages["canonicalize"] = StageStatus(
+            True, f"{sum(len(v) for v in catalog.entities.values())} entities"
+        )
         self.stages["regex"] = StageStatus(True, f"{len(regex.rules)} rules")
         self.stages["neural"] = StageStatus(ranker is not None, ranker.model_id if ranker else (error or ""))
         self.load_error = error

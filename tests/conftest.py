@@ -27,19 +27,41 @@ MINI_INTENTS: dict[str, Any] = {
                 "en": ["set an alarm for 7:30", "wake me up at 6 am", "alarm at eight please"],
             },
             "regex": [
-                {"id": "alarm_ru", "locale": "ru", "priority": 50,
-                 "pattern": r"^(?:поставь|заведи) будильник на \{time\}$"},
-                {"id": "alarm_en", "locale": "en", "priority": 50, "pattern": r"^set an alarm (?:for|at) \{time\}$"},
+                {
+                    "id": "alarm_ru",
+                    "locale": "ru",
+                    "priority": 50,
+                    "pattern": r"^(?:поставь|заведи) будильник на \{time\}$",
+                },
+                {
+                    "id": "alarm_en",
+                    "locale": "en",
+                    "priority": 50,
+                    "pattern": r"^set an alarm (?:for|at) \{time\}$",
+                },
             ],
         },
         {
             "intent": "device.turn_off",
             "description": {"ru": "Выключить устройство", "en": "Turn a device off"},
             "slots": {"device": {"source": "device", "value": "ref", "required": True}},
-            "examples": {"ru": ["выключи свет на кухне", "выруби телевизор"], "en": ["turn off the kitchen light"]},
+            "examples": {
+                "ru": ["выключи свет на кухне", "выруби телевизор"],
+                "en": ["turn off the kitchen light"],
+            },
             "regex": [
-                {"id": "off_en", "locale": "en", "priority": 50, "pattern": r"^turn off (?:the )?\{device\}$"},
-                {"id": "off_ru", "locale": "ru", "priority": 50, "pattern": r"^(?:выключи|выруби) \{device\}$"},
+                {
+                    "id": "off_en",
+                    "locale": "en",
+                    "priority": 50,
+                    "pattern": r"^turn off (?:the )?\{device\}$",
+                },
+                {
+                    "id": "off_ru",
+                    "locale": "ru",
+                    "priority": 50,
+                    "pattern": r"^(?:выключи|выруби) \{device\}$",
+                },
             ],
         },
         {

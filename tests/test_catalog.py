@@ -11,12 +11,31 @@ from skill.catalog import CatalogError, load_catalog
 from tests.conftest import MINI_INTENTS, REPO, write_catalog
 
 REQUIRED_INTENTS = {
-    "desktop.switch_scenario", "desktop.open_modal", "desktop.toggle_app_install", "desktop.reload_webspace",
-    "desktop.reset_webspace", "voice.capability.activate", "voice.timer.start", "voice.time.now",
-    "desktop.open_marketplace", "desktop.open_weather", "notebook.create_note",
-    "alarm.set", "alarm.cancel", "voice.timer.cancel", "music.play", "music.stop", "music.volume",
-    "device.turn_on", "device.turn_off", "light.set_brightness", "reminder.create", "news.get", "joke.tell",
-    "calculator.compute", "system.help",
+    "desktop.switch_scenario",
+    "desktop.open_modal",
+    "desktop.toggle_app_install",
+    "desktop.reload_webspace",
+    "desktop.reset_webspace",
+    "voice.capability.activate",
+    "voice.timer.start",
+    "voice.time.now",
+    "desktop.open_marketplace",
+    "desktop.open_weather",
+    "notebook.create_note",
+    "alarm.set",
+    "alarm.cancel",
+    "voice.timer.cancel",
+    "music.play",
+    "music.stop",
+    "music.volume",
+    "device.turn_on",
+    "device.turn_off",
+    "light.set_brightness",
+    "reminder.create",
+    "news.get",
+    "joke.tell",
+    "calculator.compute",
+    "system.help",
 }
 
 
@@ -114,7 +133,8 @@ def test_teacher_overlay_extends_existing_intents(tmp_path: Path) -> None:
     base = load_catalog(root)
     merged = load_catalog(root, overlays=[overlay])
     assert merged.intents["alarm.set"].examples["ru"] == [
-        *base.intents["alarm.set"].examples["ru"], "будильник на семь утра пожалуйста"
+        *base.intents["alarm.set"].examples["ru"],
+        "будильник на семь утра пожалуйста",
     ]  # the duplicate is not added twice
     assert merged.intents["alarm.set"].description == base.intents["alarm.set"].description
     assert merged.owners["alarm.set"].id == "mini"

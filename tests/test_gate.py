@@ -10,7 +10,9 @@ from skill.gate import GateConfig, IntentPolicy, gate
 CFG = GateConfig(accept=0.80, reject=0.45, margin=0.10)
 
 
-def _d(intent: str | None, conf: float, runner_up: float | None = None, outcome: Outcome = Outcome.ACCEPT) -> Decision:
+def _d(
+    intent: str | None, conf: float, runner_up: float | None = None, outcome: Outcome = Outcome.ACCEPT
+) -> Decision:
     alts = (Candidate("other.intent", runner_up),) if runner_up is not None else ()
     return Decision(intent=intent, confidence=conf, outcome=outcome, via="neural", alternatives=alts)
 
@@ -38,7 +40,9 @@ def _d(intent: str | None, conf: float, runner_up: float | None = None, outcome:
         (_d("a.b", 0.99, outcome=Outcome.REJECT), None, Outcome.REJECT, "below_reject_threshold"),
     ],
 )
-def test_gate_table(decision: Decision, policy: IntentPolicy | None, outcome: Outcome, reason: str | None) -> None:
+def test_gate_table(
+    decision: Decision, policy: IntentPolicy | None, outcome: Outcome, reason: str | None
+) -> None:
     out = gate(decision, CFG, policy)
     assert out.outcome is outcome
     assert out.reason == reason

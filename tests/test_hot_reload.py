@@ -17,8 +17,8 @@ from skill.config import Config
 from skill.registry import read_history, read_pointer, write_pointer
 from skill.service import ServiceState
 from tests.test_train import write_tiny_catalog
-from tools import train as trainer
 from tools import models as cli
+from tools import train as trainer
 from tools.eval import EvalReport, GoldenFailure
 
 TEXTS = ["поставь таймер на 10 минут", "what's the weather in berlin", "turn the lights on", "как дела"]
@@ -70,8 +70,9 @@ async def _wait_model(client: TestClient, model_id: str, timeout: float = 20.0) 
     raise AssertionError(f"service did not switch to {model_id}")
 
 
-async def test_flip_pointer_under_load(aiohttp_client: Any, node: tuple[Path, Path, str, str],
-                                       make_config: Callable[..., Config]) -> None:
+async def test_flip_pointer_under_load(
+    aiohttp_client: Any, node: tuple[Path, Path, str, str], make_config: Callable[..., Config]
+) -> None:
     catalog, root, a, b = node
     client, _ = await _started(aiohttp_client, make_config(catalog_dir=str(catalog), models_dir=str(root)))
     stop = asyncio.Event()
@@ -104,7 +105,9 @@ async def test_flip_pointer_under_load(aiohttp_client: Any, node: tuple[Path, Pa
 
 
 async def test_damaged_version_is_refused_and_old_keeps_serving(
-    aiohttp_client: Any, node: tuple[Path, Path, str, str], make_config: Callable[..., Config],
+    aiohttp_client: Any,
+    node: tuple[Path, Path, str, str],
+    make_config: Callable[..., Config],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     catalog, root, a, b = node
@@ -119,7 +122,9 @@ async def test_damaged_version_is_refused_and_old_keeps_serving(
     pointer = read_pointer(root)
     assert pointer is not None and pointer.model_id == a
     # The service refuses to switch to it and keeps serving A.
-    client, state = await _started(aiohttp_client, make_config(catalog_dir=str(catalog), models_dir=str(root)))
+    client, state = await _started(
+        aiohttp_client, make_config(catalog_dir=str(catalog), models_dir=str(root))
+    )
     write_pointer(root, b, why="operator error")
     for _ in range(400):
         if state.refusals:
@@ -137,8 +142,9 @@ async def test_damaged_version_is_refused_and_old_keeps_serving(
     assert body["ok"] is False and body["after"]["model_id"] == a and "damaged" in body["error"]
 
 
-def test_promote_gate_refuses_a_broken_golden_case(two_versions: tuple[Path, Path, Path], tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_promote_gate_refuses_a_broken_golden_case(
+    two_versions: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     catalog, _, b = two_versions
     root = tmp_path / "fresh-node"  # no active version: the candidate is gated on golden cases alone
     shutil.copytree(b, root / b.name)
@@ -189,5 +195,7 @@ def test_quality_gate_table(candidate: EvalReport, current: EvalReport | None, r
 
 
 def test_quality_gate_per_intent_diff() -> None:
-    _, diff = cli.quality_gate(_report(0.9, 0.1, per={"a.b": 0.8, "c.d": 1.0}), _report(0.9, 0.1, per={"a.b": 0.9}))
+    _, diff = cli.quality_gate(
+        _report(0.9, 0.1, per={"a.b": 0.8, "c.d": 1.0}), _report(0.9, 0.1, per={"a.b": 0.9})
+    )
     assert len(diff) == 2 and "a.b" in diff[0] and "90.0%" in diff[0] and "80.0%" in diff[0]

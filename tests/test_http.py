@@ -94,11 +94,18 @@ async def test_health_without_model(client: TestClient) -> None:
         (json.dumps({"text": "hi", "entities": "x"}).encode(), 400, "invalid_field", "entities"),
         (json.dumps({"text": "x" * 1001}).encode(), 400, "text_too_long", "text"),
         (json.dumps({"text": "hallo", "locale": "de"}).encode(), 400, "unsupported_locale", "locale"),
-        (json.dumps({"text": "hallo", "request_locale": "fr-FR"}).encode(), 400, "unsupported_locale", "request_locale"),
+        (
+            json.dumps({"text": "hallo", "request_locale": "fr-FR"}).encode(),
+            400,
+            "unsupported_locale",
+            "request_locale",
+        ),
         (b"\xff\xfe{", 400, "invalid_json", None),
     ],
 )
-async def test_bad_input(client: TestClient, payload: bytes, status: int, code: str, field: str | None) -> None:
+async def test_bad_input(
+    client: TestClient, payload: bytes, status: int, code: str, field: str | None
+) -> None:
     resp = await client.post("/parse", data=payload, headers={"Content-Type": "application/json"})
     assert resp.status == status
     body = await resp.json()
@@ -151,13 +158,22 @@ async def test_hub_entities_take_precedence(client: TestClient) -> None:
         "raw_text": "turn off the lamp",
         "normalized_text": "turn off the lamp",
         "resolved_entities": [
-            {"canonical_ref": "device:light:bedroom_lamp", "kind": "device.light", "text": "lamp",
-             "start": 13, "end": 17, "confidence": 0.97, "match_type": "alias"}
+            {
+                "canonical_ref": "device:light:bedroom_lamp",
+                "kind": "device.light",
+                "text": "lamp",
+                "start": 13,
+                "end": 17,
+                "confidence": 0.97,
+                "match_type": "alias",
+            }
         ],
         "unresolved_entity_spans": [],
         "ambiguities": [],
     }
-    body = await (await client.post("/parse", json={"text": "turn off the lamp", "entities": entities})).json()
+    body = await (
+        await client.post("/parse", json={"text": "turn off the lamp", "entities": entities})
+    ).json()
     assert body["top_intent"] == "device.turn_off"
     assert body["slots"] == {"device": "device:light:bedroom_lamp"}
 
@@ -185,8 +201,12 @@ async def test_reindex(client: TestClient) -> None:
     assert resp.status == 400 and (await resp.json())["field"] == "purge_indexes"
 
 
-async def test_not_ready_is_503(aiohttp_client: Any, mini_catalog: Path, make_config: Callable[..., Config],
-                                monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_not_ready_is_503(
+    aiohttp_client: Any,
+    mini_catalog: Path,
+    make_config: Callable[..., Config],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     gate = threading.Event()
     state = ServiceState(make_config(catalog_dir=str(mini_catalog)))
     real_load = state.load
@@ -209,8 +229,9 @@ async def test_not_ready_is_503(aiohttp_client: Any, mini_catalog: Path, make_co
     assert (await client.get("/health")).status == 200
 
 
-async def test_broken_catalog_keeps_503_with_reason(aiohttp_client: Any, tmp_path: Path,
-                                                   make_config: Callable[..., Config]) -> None:
+async def test_broken_catalog_keeps_503_with_reason(
+    aiohttp_client: Any, tmp_path: Path, make_config: Callable[..., Config]
+) -> None:
     bad = tmp_path / "bad"
     (bad / "intents").mkdir(parents=True)
     (bad / "intents" / "x.yaml").write_text("owner: {type: skill, id: x}\nintents: []\nsurprise: 1\n")

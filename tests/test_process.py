@@ -21,8 +21,11 @@ def test_start_health_and_sigterm(tmp_path: Path) -> None:
     env["ADAOS_STATE_DIR"] = str(tmp_path / "state")  # an empty node: the embedded model serves
     env["ADAOS_LOGS_DIR"] = str(tmp_path / "logs")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "skill", "--port", str(port)], cwd=REPO, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "skill", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     started = time.monotonic()
     body = None
@@ -37,7 +40,8 @@ def test_start_health_and_sigterm(tmp_path: Path) -> None:
         assert body is not None, "no 200 from /health within 10 s"
         assert body["ok"] is True
         req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/parse", data=json.dumps({"text": "открой маркетплейс"}).encode(),
+            f"http://127.0.0.1:{port}/parse",
+            data=json.dumps({"text": "открой маркетплейс"}).encode(),
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(req, timeout=5) as resp:

@@ -23,10 +23,13 @@ CATALOG = {
     "intents": [
         _intent("music.play", [{"id": "generic", "pattern": r"^play (?P<query>.+)$", "priority": 10}]),
         _intent("music.play_radio", [{"id": "radio", "pattern": r"^play (?:the )?radio$", "priority": 50}]),
-        _intent("timer.start", [
-            {"id": "ru", "locale": "ru", "pattern": r"^таймер на \{duration\}$"},
-            {"id": "en", "locale": "en", "pattern": r"^timer for \{duration\}$"},
-        ]),
+        _intent(
+            "timer.start",
+            [
+                {"id": "ru", "locale": "ru", "pattern": r"^таймер на \{duration\}$"},
+                {"id": "en", "locale": "en", "pattern": r"^timer for \{duration\}$"},
+            ],
+        ),
         _intent("first.same_priority", [{"id": "first", "pattern": r"^same$", "priority": 5}]),
         _intent("second.same_priority", [{"id": "second", "pattern": r"^same$", "priority": 5}]),
     ],
@@ -51,8 +54,9 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> RegexStage:
         ("nothing here", "en", None, None, {}),
     ],
 )
-def test_rules(stage: RegexStage, masked: str, locale: str, intent: str | None, rule: str | None,
-               slots: dict[str, str]) -> None:
+def test_rules(
+    stage: RegexStage, masked: str, locale: str, intent: str | None, rule: str | None, slots: dict[str, str]
+) -> None:
     d = stage.decide(Canonical(text=masked, normalized=masked, masked=masked, locale=locale))
     assert d.intent == intent
     assert d.via == "regex"

@@ -30,7 +30,8 @@ def test_pointer_history_and_previous(tmp_path: Path) -> None:
     assert read_pointer(tmp_path) == p
     hist = read_history(tmp_path)
     assert [(h["from"], h["to"], h["who"], h["why"]) for h in hist] == [
-        (None, "m1", "alice", "first"), ("m1", "m2", "bob", "better")
+        (None, "m1", "alice", "first"),
+        ("m1", "m2", "bob", "better"),
     ]
     assert not list(tmp_path.glob("*.tmp"))  # the temp file was renamed into place
 

@@ -36,8 +36,9 @@ from skill.service import ServiceState
         ("/health", "10.0.0.7", None, "s3cret", None),  # AdaOS polls health without a token
     ],
 )
-def test_authorize(path: str, remote: str | None, header: str | None, token: str | None,
-                   expected: str | None) -> None:
+def test_authorize(
+    path: str, remote: str | None, header: str | None, token: str | None, expected: str | None
+) -> None:
     assert authorize(path, remote, header, token) == expected
 
 
@@ -45,7 +46,9 @@ def test_is_loopback() -> None:
     assert is_loopback("127.8.9.10") and not is_loopback("128.0.0.1") and not is_loopback("")
 
 
-async def test_token_over_http(aiohttp_client: Any, mini_catalog: Path, make_config: Callable[..., Config]) -> None:
+async def test_token_over_http(
+    aiohttp_client: Any, mini_catalog: Path, make_config: Callable[..., Config]
+) -> None:
     state = ServiceState(make_config(catalog_dir=str(mini_catalog), api_token="s3cret"))
     client = await aiohttp_client(create_app(state))
     while not state.ready:
@@ -54,15 +57,18 @@ async def test_token_over_http(aiohttp_client: Any, mini_catalog: Path, make_con
     assert resp.status == 401
     body = await resp.json()
     assert body == {"ok": False, "error": "unauthorized", "message": body["message"], "field": None}
-    resp = await client.post("/parse", json={"text": "turn off the kitchen light"},
-                             headers={"Authorization": "Bearer s3cret"})
+    resp = await client.post(
+        "/parse", json={"text": "turn off the kitchen light"}, headers={"Authorization": "Bearer s3cret"}
+    )
     assert resp.status == 200
     assert (await client.get("/health")).status == 200
     assert (await client.get("/metrics")).status == 401
     assert (await client.post("/reindex", json={})).status == 401
 
 
-async def test_openapi_document(aiohttp_client: Any, mini_catalog: Path, make_config: Callable[..., Config]) -> None:
+async def test_openapi_document(
+    aiohttp_client: Any, mini_catalog: Path, make_config: Callable[..., Config]
+) -> None:
     client = await aiohttp_client(create_app(ServiceState(make_config(catalog_dir=str(mini_catalog)))))
     resp = await client.get("/openapi.json")
     assert resp.status == 200

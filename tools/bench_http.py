@@ -84,7 +84,7 @@ async def wait_healthy(url: str, proc: subprocess.Popen[bytes], limit_s: float) 
                 async with session.get(url + "/health", timeout=aiohttp.ClientTimeout(total=1)) as resp:
                     if 200 <= resp.status < 300:
                         return time.monotonic() - start
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 pass
             await asyncio.sleep(0.05)
     raise RuntimeError(f"/health not ready within {limit_s} s")

@@ -39,8 +39,15 @@ def second_version(src: Path, root: Path, suffix: str = "switch") -> str:
     shutil.copytree(src, root / new_id)
     (root / new_id / "manifest.json").unlink()
     write_manifest(
-        root / new_id, model_id=new_id, created=man.created, data_digest=man.data_digest, seed=man.seed,
-        code_version=man.code_version, parent=man.model_id, metrics=man.metrics, thresholds=man.thresholds,
+        root / new_id,
+        model_id=new_id,
+        created=man.created,
+        data_digest=man.data_digest,
+        seed=man.seed,
+        code_version=man.code_version,
+        parent=man.model_id,
+        metrics=man.metrics,
+        thresholds=man.thresholds,
     )
     return new_id
 
@@ -61,7 +68,7 @@ async def drive(url: str, clients: int, seconds: float, cap: int) -> dict[str, A
                 async with session.post(url + "/parse", json={"text": texts[(i + n) % len(texts)]}) as resp:
                     body = await resp.json()
                     ok = resp.status == 200 and body.get("ok") is True
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 ok, body = False, {"error": repr(exc)}
             lat.append((time.perf_counter() - t0) * 1000.0)
             if not ok:
@@ -112,7 +119,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADAOS_")}
     env["ADAOS_LOGS_DIR"] = str(tmp / "logs")
-    cmd = [sys.executable, "-m", "skill", "--port", str(port), "--models-dir", str(root), "--log-level", "WARNING"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "skill",
+        "--port",
+        str(port),
+        "--models-dir",
+        str(root),
+        "--log-level",
+        "WARNING",
+    ]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO)
     try:
         await wait_healthy(url, proc, 30.0)

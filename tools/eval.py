@@ -1,6 +1,6 @@
 """Evaluate a model version through the real pipeline: golden cases and the catalog's held-out split.
 
-    python -m tools.eval [--model-dir DIR] [--catalog catalog] [--json]
+python -m tools.eval [--model-dir DIR] [--catalog catalog] [--json]
 """
 
 from __future__ import annotations
@@ -50,7 +50,10 @@ def build_pipeline(catalog: Catalog, model_dir: Path, threads: int = 1) -> Pipel
     """The same pipeline ``/parse`` serves, for one model version."""
     ranker = Ranker.load(model_dir, threads=threads)
     return Pipeline(
-        catalog, Canonicalizer(catalog), regex=RegexStage(catalog), ranker=ranker,
+        catalog,
+        Canonicalizer(catalog),
+        regex=RegexStage(catalog),
+        ranker=ranker,
         gate_config=GateConfig(**ranker.thresholds),
     )
 
@@ -124,11 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(msgspec.to_builtins(report), indent=2, ensure_ascii=False))
     else:
-        print(f"{report.model_id}: accuracy {report.accuracy:.4f} on {report.n} rows, ECE {report.ece:.4f}, "
-              f"golden {report.golden_total - len(report.golden_failures)}/{report.golden_total}")
+        print(
+            f"{report.model_id}: accuracy {report.accuracy:.4f} on {report.n} rows, ECE {report.ece:.4f}, "
+            f"golden {report.golden_total - len(report.golden_failures)}/{report.golden_total}"
+        )
         for f in report.golden_failures:
-            print(f"  golden FAIL: {f.text!r} expected {f.expected_intent} {f.expected_slots}, "
-                  f"got {f.got_intent} {f.got_slots} ({f.decision})")
+            print(
+                f"  golden FAIL: {f.text!r} expected {f.expected_intent} {f.expected_slots}, "
+                f"got {f.got_intent} {f.got_slots} ({f.decision})"
+            )
     return 0 if not report.golden_failures else 1
 
 

@@ -118,7 +118,9 @@ def quality_gate(candidate: Any, current: Any | None) -> tuple[list[str], list[s
                 f"({current.accuracy:.4f} -> {candidate.accuracy:.4f}; limit {100 * MAX_ACCURACY_DROP} points)"
             )
         if candidate.ece > current.ece + MAX_ECE_GROWTH:
-            reasons.append(f"calibration error grows {current.ece:.4f} -> {candidate.ece:.4f} (limit +{MAX_ECE_GROWTH})")
+            reasons.append(
+                f"calibration error grows {current.ece:.4f} -> {candidate.ece:.4f} (limit +{MAX_ECE_GROWTH})"
+            )
         for intent in sorted(set(candidate.per_intent) | set(current.per_intent)):
             a, b = current.per_intent.get(intent), candidate.per_intent.get(intent)
             if a != b:
@@ -150,11 +152,15 @@ def cmd_promote(root: Path, args: argparse.Namespace) -> int:
             print(f"warning: the active version cannot be evaluated ({exc}); gating on the candidate alone")
     candidate = evaluate_model(target, catalog)
     reasons, diff = quality_gate(candidate, current)
-    print(f"candidate {candidate.model_id}: accuracy {candidate.accuracy:.4f}, ECE {candidate.ece:.4f}, "
-          f"golden {candidate.golden_total - len(candidate.golden_failures)}/{candidate.golden_total}")
+    print(
+        f"candidate {candidate.model_id}: accuracy {candidate.accuracy:.4f}, ECE {candidate.ece:.4f}, "
+        f"golden {candidate.golden_total - len(candidate.golden_failures)}/{candidate.golden_total}"
+    )
     if current is not None:
-        print(f"active    {current.model_id}: accuracy {current.accuracy:.4f}, ECE {current.ece:.4f}, "
-              f"golden {current.golden_total - len(current.golden_failures)}/{current.golden_total}")
+        print(
+            f"active    {current.model_id}: accuracy {current.accuracy:.4f}, ECE {current.ece:.4f}, "
+            f"golden {current.golden_total - len(current.golden_failures)}/{current.golden_total}"
+        )
     if diff:
         print("per-intent recall (active -> candidate):")
         print("\n".join(diff))
@@ -187,7 +193,7 @@ def cmd_gc(root: Path, args: argparse.Namespace) -> int:
     pointer = read_pointer(root)
     protected = {pointer.model_id, pointer.previous} if pointer else set()
     versions = list_versions(root)
-    keep = set(versions[-args.keep:]) | {p for p in protected if p}
+    keep = set(versions[-args.keep :]) | {p for p in protected if p}
     for model_id in versions:
         if model_id not in keep:
             shutil.rmtree(root / model_id)
@@ -202,8 +208,11 @@ def cmd_history(root: Path, _: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tools.models", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.models",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--root", help="model artifact root (default: the node's, else the embedded models/)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list").set_defaults(func=cmd_list)
