@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,19 @@ def write_catalog(root: Path, intents: dict[str, Any] | None = None) -> Path:
         yaml.safe_dump(intents or MINI_INTENTS, allow_unicode=True), encoding="utf-8"
     )
     return root
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_platform_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No test writes into the home directory: platformdirs (and child processes) use a temp dir.
+
+    Session-scoped so that module-scoped fixtures, which start services early, see it too.
+    """
+    home = tmp_path_factory.mktemp("xdg")
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME"):
+            mp.setenv(var, str(home / var.lower()))
+        yield
 
 
 @pytest.fixture
