@@ -25,12 +25,14 @@ from .llm_grammar import (
     NameStep,
     fixed_prompt,
     gbnf,
+    llm_features,
     matched_examples,
     name_probabilities,
     parse_answer,
     progress,
     request_prompt,
 )
+from .scoring import calibrate
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -76,6 +78,8 @@ class LlmStage:
         self.queue = config.llm_queue
         self.clock: Callable[[], float] = time.monotonic
         self.shape = AnswerShape.from_catalog(catalog, settings.max_value_chars)
+        cal = settings.calibration
+        self._calibration = cal.linear() if cal is not None else None
         self.grammar_text = gbnf(self.shape)
         self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
         self._n_vocab = llm.n_vocab()
@@ -109,8 +113,11 @@ class LlmStage:
         self._tokens_for(b'", "slots": {}}')  # builds the piece table now if the tokenizer needs it
 
     @classmethod
-    def load(cls, config: Config, catalog: Catalog) -> LlmStage:
-        """Load the configured GGUF file; any failure raises (the service then disables the stage)."""
+    def load(cls, config: Config, catalog: Catalog, settings: LlmSettings | None = None) -> LlmStage:
+        """Load the configured GGUF file; any failure raises (the service then disables the stage).
+
+        ``settings`` replaces the sidecar's (the calibration tool loads the model uncalibrated).
+        """
         if not config.llm_model:
             raise ValueError("no LLM model configured")
         path = Path(config.llm_model).expanduser()
@@ -123,7 +130,7 @@ class LlmStage:
             from llama_cpp import Llama  # noqa: PLC0415 - optional dependency
         except ImportError as exc:
             raise ImportError(f"llama-cpp-python is not installed (pip install -e '.[llm]'): {exc}") from exc
-        settings = LlmSettings.for_model(path)
+        settings = settings or LlmSettings.for_model(path)
         started = time.perf_counter()
         llm = Llama(
             model_path=str(path),
@@ -145,6 +152,17 @@ class LlmStage:
             (time.perf_counter() - started) * 1000.0,
         )
         return stage
+
+    @property
+    def summary(self) -> str:
+        """One line for /health: the model and how its confidence is calibrated."""
+        report = self.settings.calibration_report or {}
+        if self.settings.calibration is None:
+            return f"{self.model_name} (confidence uncalibrated, temperature {self.settings.temperature:g})"
+        rows = report.get("rows", "?")
+        ece = report.get("ece_crossfit", report.get("ece_fit"))
+        tail = f", cross-fitted ECE {ece:.3f}" if isinstance(ece, float) else ""
+        return f"{self.model_name} (confidence calibrated on {rows} requests{tail})"
 
     def close(self) -> None:
         """Free the grammar sampler and the model."""
@@ -238,6 +256,18 @@ class LlmStage:
         raw_p = name_probabilities(gen.steps, intent, (), 1.0)[intent]
         evidence["probability_raw"] = round(raw_p, 4)
         evidence["temperature"] = temp
+        evidence["probability_tempered"] = probs[intent]  # unrounded: the calibration tool reads it
+        if intent != NONE and self._calibration is not None:
+            conf = float(calibrate(llm_features(probs[intent], intent, candidates), self._calibration))
+            evidence["calibrated"] = True
+            rest = {n: p for n, p in probs.items() if n != intent}
+            mass = sum(rest.values())
+            # like the ranker: the others share what the calibrated confidence leaves, in proportion
+            probs = {intent: conf} | {
+                n: (1.0 - conf) * p / mass if mass > 0 else 0.0 for n, p in rest.items()
+            }
+        else:
+            evidence["calibrated"] = False
         for cand in evidence["candidates"]:
             cand["llm"] = round(probs.get(cand["intent"], 0.0), 4)
         evidence["llm_slots"] = slots

@@ -13,6 +13,7 @@ import numpy as np
 
 from .canonicalize import Canonical
 from .catalog import Catalog
+from .scoring import Calibration
 
 NONE = "none"  # the answer "no catalog intent fits"
 # The prompt ends with this, so the model's first token is already part of the intent name.
@@ -21,12 +22,31 @@ _VALUE_RULE = "value"
 _NULL = b"null"
 
 
+# What the fitted confidence map reads about the chosen intent (see ``llm_features``).
+LLM_FEATURES = ("llm_logit", "ranker_score", "ranker_top")
+_P_CLIP = 1e-6
+
+
+def llm_features(p_chosen: float, intent: str, candidates: Sequence[tuple[str, float]]) -> np.ndarray:
+    """The calibration features of an LLM answer.
+
+    ``llm_logit`` is the log-odds of the chosen name's probability (at the sidecar's temperature),
+    ``ranker_score`` the ranker's confidence in the same intent (0 when it was not a candidate), and
+    ``ranker_top`` 1 when the LLM agreed with the ranker's first candidate.
+    """
+    p = min(max(p_chosen, _P_CLIP), 1.0 - _P_CLIP)
+    scores = dict(candidates)
+    top = 1.0 if candidates and candidates[0][0] == intent else 0.0
+    return np.array([np.log(p / (1.0 - p)), float(scores.get(intent, 0.0)), top])
+
+
 class LlmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Per-model knobs, read from ``<model>.gguf.nlu.json`` beside the GGUF file when it exists.
 
-    ``temperature`` calibrates the confidence (softmax of the grammar-admitted logits divided by it);
-    fit it like the ranker's: minimise the negative log-likelihood of the true intent over held-out
-    requests the ranker abstained on.
+    ``temperature`` divides the grammar-admitted logits before the softmax. ``calibration`` is the
+    logistic map from :data:`LLM_FEATURES` to P(the named intent is right), fitted by
+    ``python -m tools.llm_calibrate`` on held-out requests; without it the confidence is the
+    (tempered) probability itself. ``calibration_report`` records how and on what it was fitted.
     """
 
     temperature: float = 1.0
@@ -35,20 +55,36 @@ class LlmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_candidates: int = 4
     examples_per_candidate: int = 2
     max_value_chars: int = 32
+    calibration: Calibration | None = None
+    calibration_report: dict[str, Any] | None = None
 
     @classmethod
     def for_model(cls, model: Path) -> LlmSettings:
         """Defaults, overridden by the sidecar file if present (unknown keys are errors)."""
-        sidecar = model.with_name(model.name + ".nlu.json")
+        sidecar = sidecar_path(model)
         if not sidecar.exists():
             return cls()
         try:
             settings = msgspec.json.decode(sidecar.read_bytes(), type=cls)
-        except msgspec.ValidationError as exc:
+        except msgspec.DecodeError as exc:
             raise ValueError(f"{sidecar}: {exc}") from exc
         if settings.temperature <= 0:
             raise ValueError(f"{sidecar}: temperature must be > 0")
+        cal = settings.calibration
+        if cal is not None:
+            if tuple(cal.features) != LLM_FEATURES:
+                raise ValueError(f"{sidecar}: calibration features must be {list(LLM_FEATURES)}")
+            sizes = {len(cal.mean), len(cal.scale), len(cal.coef)}
+            if sizes != {len(LLM_FEATURES)}:
+                raise ValueError(f"{sidecar}: calibration needs {len(LLM_FEATURES)} values per field")
+            if not all(np.isfinite([*cal.mean, *cal.scale, *cal.coef, cal.bias])) or min(cal.scale) <= 0:
+                raise ValueError(f"{sidecar}: calibration values must be finite, scales > 0")
         return settings
+
+
+def sidecar_path(model: Path) -> Path:
+    """``<model>.gguf.nlu.json`` beside the model file."""
+    return model.with_name(model.name + ".nlu.json")
 
 
 class AnswerShape(msgspec.Struct, frozen=True):

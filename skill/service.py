@@ -144,7 +144,7 @@ class ServiceState:
         if llm is None and cfg.llm_model:
             try:
                 llm = load_llm(cfg, catalog)
-                self.stages["llm"] = StageStatus(True, Path(cfg.llm_model).name)
+                self.stages["llm"] = StageStatus(True, getattr(llm, "summary", Path(cfg.llm_model).name))
             except Exception as exc:  # noqa: BLE001 - the LLM stage is optional
                 self.stages["llm"] = StageStatus(False, f"disabled: {type(exc).__name__}: {exc}")
                 _LOGGER.warning("LLM fallback disabled: %s", exc)

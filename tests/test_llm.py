@@ -398,7 +398,10 @@ def test_service_loads_the_stage_when_configured(
     path = write_tiny_gguf(tmp_path / "tiny.gguf", prefer=SAYS_ALARM)
     state = ServiceState(make_config(catalog_dir=str(mini_catalog), llm_model=str(path), llm_threads=1))
     state.load()
-    assert state.health()["stages"]["llm"] == {"ready": True, "detail": "tiny.gguf"}
+    assert state.health()["stages"]["llm"] == {
+        "ready": True,
+        "detail": "tiny.gguf (confidence uncalibrated, temperature 1)",
+    }
     assert isinstance(state.pipeline.llm, LlmStage) if state.pipeline else False
 
 

@@ -66,15 +66,20 @@ def _logistic(x: np.ndarray, y: np.ndarray, l2: float, iters: int = 200) -> tupl
     return w[:-1], float(w[-1])
 
 
-def fit_calibration(features: np.ndarray, correct: np.ndarray, l2: float = 1.0) -> Calibration:
-    """Standardize the features and fit P(correct | features)."""
+def fit_calibration(
+    features: np.ndarray,
+    correct: np.ndarray,
+    l2: float = 1.0,
+    names: tuple[str, ...] = CALIBRATION_FEATURES,
+) -> Calibration:
+    """Standardize the features (columns named ``names``) and fit P(correct | features)."""
     mean = features.mean(axis=0)
     scale = features.std(axis=0)
     scale = np.where(scale < 1e-6, 1.0, scale)
     z = (features - mean) / scale
     coef, bias = _logistic(z, correct.astype(np.float64), l2)
     return Calibration(
-        features=CALIBRATION_FEATURES,
+        features=names,
         mean=tuple(float(v) for v in mean),
         scale=tuple(float(v) for v in scale),
         coef=tuple(float(v) for v in coef),

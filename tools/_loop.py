@@ -42,6 +42,8 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     word_dropout: float = 0.0  # replace word ids by "unknown" (measured: no gain)
     label_smoothing: float = 0.1
     threads: int = 1  # torch intra-op threads (the brief allows 2; 1 is faster on a shared machine)
+    ema_decay: float = 0.0  # > 0: export an exponential moving average of the weights
+    ema_start: float = 0.5  # share of the training steps after which the average starts
 
 
 def _batches(
@@ -100,6 +102,9 @@ def fit_net(
 
     scheds = [torch.optim.lr_scheduler.LambdaLR(opt, lr_at) for opt in opts]
     y_all = torch.tensor(list(labels), dtype=torch.long)
+    params = list(net.parameters())
+    shadow: list[torch.Tensor] | None = None
+    step_no = 0
     bar = tqdm(total=cfg.epochs, desc="train", unit="epoch", disable=not progress)
     for epoch in range(cfg.epochs):
         net.train()
@@ -133,12 +138,23 @@ def fit_net(
             for opt, sched in zip(opts, scheds, strict=True):
                 opt.step()
                 sched.step()
+            step_no += 1
+            if cfg.ema_decay > 0 and step_no >= cfg.ema_start * total:
+                with torch.no_grad():
+                    if shadow is None:
+                        shadow = [p.detach().clone() for p in params]
+                    else:
+                        torch._foreach_lerp_(shadow, [p.detach() for p in params], 1.0 - cfg.ema_decay)
             loss_sum += float(loss.detach()) * len(batch)
             n_seen += len(batch)
         bar.set_postfix(loss=f"{loss_sum / max(1, n_seen):.3f}")
         bar.update(1)
         _LOGGER.debug("epoch %d loss %.4f", epoch, loss_sum / max(1, n_seen))
     bar.close()
+    if shadow is not None:
+        with torch.no_grad():
+            for p, avg in zip(params, shadow, strict=True):
+                p.copy_(avg)
     net.eval()
     return net
 

@@ -1,0 +1,171 @@
+"""Fitting the LLM fallback's confidence (tools.llm_calibrate) and serving with the fitted map."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from skill.canonicalize import Canonicalizer
+from skill.catalog import load_catalog
+from skill.config import Config
+from skill.decision import Candidate, Decision, Outcome
+from skill.gate import GateConfig, gate
+from skill.llm import LlmStage
+from skill.llm_grammar import LLM_FEATURES, LlmSettings, llm_features, sidecar_path
+from skill.scoring import calibrate
+from skill.service import ServiceState
+from tests.conftest import REPO
+from tests.llm_fixtures import write_tiny_gguf
+from tools import llm_calibrate
+
+SAYS_ALARM = {"a": 1.0, '"': 1.5}  # the mini catalog's alarm.set, whatever the prompt
+
+
+def _rows(path: Path, rows: list[tuple[str, str]], split: str = "val") -> Path:
+    path.write_text(
+        "".join(
+            json.dumps({"text": t, "intent": i, "lang": "ru", "split": split}, ensure_ascii=False) + "\n"
+            for t, i in rows
+        ),
+        encoding="utf-8",
+    )
+    return path
+
+
+HALF_RIGHT = [(f"разбуди меня в {h} утра", "alarm.set") for h in range(1, 13)] + [
+    (f"выключи лампу номер {n}", "device.turn_off") for n in range(1, 13)
+]
+
+
+def test_features_are_the_log_odds_and_the_rankers_view() -> None:
+    f = llm_features(0.9, "b", [("a", 0.6), ("b", 0.3)])
+    assert f == pytest.approx([np.log(9.0), 0.3, 0.0])
+    assert llm_features(1.0, "a", [("a", 0.6)])[0] == pytest.approx(np.log((1 - 1e-6) / 1e-6))
+    assert list(llm_features(0.5, "z", [])) == [0.0, 0.0, 0.0]
+
+
+def test_an_overconfident_model_is_pulled_down_to_its_accuracy(
+    tmp_path: Path, mini_catalog: Path, make_config: Callable[..., Config], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The steered model says alarm.set with p > 0.98 for everything; it is right on half the rows."""
+    model = write_tiny_gguf(tmp_path / "tiny.gguf", prefer=SAYS_ALARM)
+    sidecar_path(model).write_text(json.dumps({"n_batch": 32}))
+    data = _rows(tmp_path / "rows.jsonl", HALF_RIGHT)
+    args = ["--llm-model", str(model), "--catalog", str(mini_catalog), "--data", str(data)]
+    assert llm_calibrate.main([*args, "--no-ranker", "--rows", "all", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["report"]
+    assert report["rows"] == 24 and report["accuracy"] == 0.5 and report["mean_raw_probability"] > 0.98
+    assert report["ece_raw"] > 0.45 and report["ece_fit"] < 0.05 and report["ece_crossfit"] < 0.1
+    assert abs(report["mean_confidence"] - 0.5) < 0.02
+
+    stored = json.loads(sidecar_path(model).read_text())
+    assert stored["n_batch"] == 32  # other keys survive
+    assert stored["calibration"]["features"] == list(LLM_FEATURES)
+    settings = LlmSettings.for_model(model)
+    assert settings.calibration is not None and settings.calibration_report == stored["calibration_report"]
+
+    catalog = load_catalog(mini_catalog)
+    stage = LlmStage.load(make_config(llm_model=str(model), llm_threads=1), catalog)
+    try:
+        canonical = Canonicalizer(catalog).canonicalize("сделай что-нибудь")
+        proposal = Decision("device.turn_off", 0.5, Outcome.ABSTAIN, "neural", (Candidate("alarm.set", 0.3),))
+        d = stage.decide_fallback(canonical, proposal)
+    finally:
+        stage.close()
+    assert d.intent == "alarm.set" and d.evidence["calibrated"] is True
+    assert d.evidence["probability_tempered"] > 0.98
+    expected = calibrate(
+        llm_features(
+            d.evidence["probability_tempered"], "alarm.set", [("device.turn_off", 0.5), ("alarm.set", 0.3)]
+        ),
+        settings.calibration,
+    )
+    assert d.confidence == pytest.approx(float(expected), abs=1e-4)
+    assert 0.3 < d.confidence < 0.7
+    llm_share = {c["intent"]: c["llm"] for c in d.evidence["candidates"]}
+    assert llm_share["alarm.set"] == pytest.approx(d.confidence, abs=1e-4)
+    assert sum(llm_share.values()) <= 1.0 + 1e-3
+    # the gate now treats the coin-flip answer as what it is
+    assert gate(d, GateConfig()).outcome is Outcome.ABSTAIN
+
+
+def test_the_served_path_is_fitted_and_health_says_so(
+    tmp_path: Path, make_config: Callable[..., Config], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Repo catalog and embedded ranker; only the rows the pipeline hands to the LLM are used."""
+    model = write_tiny_gguf(tmp_path / "rand.gguf", seed=3)
+    sidecar_path(model).write_text(json.dumps({"n_ctx": 8192}))  # byte tokens: the catalog prompt is long
+    argv = ["--llm-model", str(model), "--catalog", str(REPO / "catalog"), "--json"]
+    assert llm_calibrate.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)["report"]
+    assert report["mode"] == "abstain" and report["ranker"].startswith("node-default-")
+    assert report["answers"] + report["rows_not_sent"] == report["rows_in"]
+    assert report["rows_not_sent"] > report["answers"] >= report["rows"] >= llm_calibrate.MIN_ANSWERS
+    assert report["ece_fit"] < report["ece_raw"]
+    assert abs(report["mean_confidence"] - report["accuracy"]) < 0.03
+
+    state = ServiceState(make_config(catalog_dir=str(REPO / "catalog"), llm_model=str(model), llm_threads=1))
+    state.load()
+    detail = state.health()["stages"]["llm"]["detail"]
+    assert detail.startswith(f"rand.gguf (confidence calibrated on {report['rows']} requests")
+    if state.pipeline is not None and state.pipeline.llm is not None:
+        state.pipeline.llm.close()
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("too_few", "at least 20 are needed"),
+        ("unknown_intent", "intents not in the catalog: weather.get"),
+        ("no_val", "no val rows"),
+        ("missing_model", "LLM model file not found"),
+        ("no_ranker_abstain", "use --rows all"),
+    ],
+)
+def test_bad_input_exits_2_with_a_reason_and_writes_nothing(
+    tmp_path: Path, mini_catalog: Path, case: str, message: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = write_tiny_gguf(tmp_path / "tiny.gguf", prefer=SAYS_ALARM)
+    rows = HALF_RIGHT[:5] if case == "too_few" else HALF_RIGHT
+    if case == "unknown_intent":
+        rows = [*rows, ("какая погода", "weather.get")]
+    data = _rows(tmp_path / "rows.jsonl", rows, split="train" if case == "no_val" else "val")
+    argv = ["--llm-model", str(model if case != "missing_model" else tmp_path / "nope.gguf")]
+    argv += ["--catalog", str(mini_catalog), "--data", str(data), "--no-ranker"]
+    argv += [] if case == "no_ranker_abstain" else ["--rows", "all"]
+    assert llm_calibrate.main(argv) == 2
+    assert message in caplog.text
+    assert not sidecar_path(model).exists()
+
+
+@pytest.mark.parametrize(
+    "calibration",
+    [
+        {"features": ["llm_logit"], "mean": [0], "scale": [1], "coef": [1], "bias": 0},
+        {"features": list(LLM_FEATURES), "mean": [0, 0], "scale": [1, 1, 1], "coef": [1, 0, 0], "bias": 0},
+        {"features": list(LLM_FEATURES), "mean": [0, 0, 0], "scale": [0, 1, 1], "coef": [1, 0, 0], "bias": 0},
+        {
+            "features": list(LLM_FEATURES),
+            "mean": [0, 0, 0],
+            "scale": [1, 1, 1],
+            "coef": [1, 0, 0],
+            "bias": 1e999,
+        },
+    ],
+)
+def test_a_damaged_calibration_disables_the_stage_with_the_reason(
+    tmp_path: Path, mini_catalog: Path, make_config: Callable[..., Config], calibration: dict[str, object]
+) -> None:
+    model = write_tiny_gguf(tmp_path / "tiny.gguf", prefer=SAYS_ALARM)
+    sidecar_path(model).write_text(json.dumps({"calibration": calibration}).replace("Infinity", "1e999"))
+    with pytest.raises(ValueError, match="calibration"):
+        LlmSettings.for_model(model)
+    state = ServiceState(make_config(catalog_dir=str(mini_catalog), llm_model=str(model), llm_threads=1))
+    state.load()
+    llm = state.health()["stages"]["llm"]
+    assert llm["ready"] is False and "calibration" in llm["detail"]
+    assert state.pipeline is not None and state.pipeline.regex is not None  # the service still serves
