@@ -34,7 +34,7 @@ from skill.pipeline import Pipeline
 from skill.regex_stage import RegexStage
 from skill.service import ServiceState
 from tests.conftest import REPO, write_catalog
-from tests.llm_fixtures import write_tiny_gguf
+from tools.tiny_gguf import write_tiny_gguf
 
 # Steering: "a" starts only alarm.set in the mini catalog, "n" only "none"; '"' closes slot strings.
 SAYS_ALARM = {"a": 1.0, '"': 1.5}

@@ -1,4 +1,4 @@
-"""Tiny llama-architecture GGUF models with a byte-level vocabulary, written by the tests themselves."""
+"""Tiny llama-architecture GGUF models with a byte-level vocabulary (tests and `tools.bench_llm --tiny`)."""
 
 from __future__ import annotations
 
