@@ -122,6 +122,8 @@ class Canonicalizer:
             for word in words
         }
         self._weak = frozenset(" ".join(tokenize(w)) for w in cfg.weak_aliases)
+        self._cued = frozenset(" ".join(tokenize(w)) for w in cfg.cued_aliases)
+        self._cues = frozenset(" ".join(tokenize(w)) for w in cfg.cue_words)
 
     def rules(self) -> dict[str, Any]:
         """The masking rules as plain data (stored with a model as ``masking_rules.json``)."""
@@ -155,7 +157,11 @@ class Canonicalizer:
         n_hub = len(chosen)
 
         candidates = [self._from_value(v) for v in self._values.find(words, lems)]
-        candidates += [self._from_hit(h) for h in self._index.find(words, lems, taken)]
+        candidates += [
+            span
+            for span in map(self._from_hit, self._index.find(words, lems, taken))
+            if not self._lacks_cue(span, words, lems)
+        ]
         candidates.sort(key=lambda s: (s.start - s.end, s.priority, s.start, -s.confidence))
         for span in candidates:
             if not any(taken[span.start : span.end]):
@@ -178,6 +184,19 @@ class Canonicalizer:
         return self._assemble(
             text, lang, words, chosen=chosen, ambiguities=ambiguities, unresolved=unresolved
         )
+
+    def _lacks_cue(self, span: _Span, words: Sequence[str], lems: Sequence[Lemmas]) -> bool:
+        """A one-word alias that is an everyday word too ("вечером", "at work") with no cue near it.
+
+        A cue (``cue_words``: "запусти", "сценарий", "mode"...) counts within the two words before
+        the alias or right after it: "переключи на утро", "режим кино", "evening scenario".
+        """
+        if not self._cued or span.source != "registry" or span.end - span.start != 1:
+            return False
+        if words[span.start] not in self._cued and self._cued.isdisjoint(lems[span.start][:2]):
+            return False
+        near = [*range(max(0, span.start - 2), span.start), *range(span.end, min(len(words), span.end + 1))]
+        return not any(words[k] in self._cues or not self._cues.isdisjoint(lems[k][:2]) for k in near)
 
     def _is_weak(self, span: _Span, words: Sequence[str], lems: Sequence[Lemmas]) -> bool:
         if " ".join(words[span.start : span.end]) in self._weak:

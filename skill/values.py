@@ -51,6 +51,8 @@ class Matching(_Strict, frozen=True):
     ambiguity_penalty: float = 0.5
     clock_guess_confidence: float = 0.8
     weak_aliases: list[str] = _l()
+    cued_aliases: list[str] = _l()
+    cue_words: list[str] = _l()
 
 
 class NumberWords(_Strict, frozen=True):

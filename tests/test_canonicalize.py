@@ -85,6 +85,11 @@ def canon(tmp_path_factory: pytest.TempPathFactory) -> Canonicalizer:
     return Canonicalizer(load_catalog(root))
 
 
+@pytest.fixture(scope="module")
+def repo_canon() -> Canonicalizer:
+    return Canonicalizer(load_catalog(REPO / "catalog"))
+
+
 def summary(result: Canonical) -> list[tuple[str, str, str]]:
     return [(e.placeholder, e.value, e.match_type) for e in result.entities]
 
@@ -191,6 +196,31 @@ def test_fuzzy(canon: Canonicalizer, text: str, masked: str, value: str) -> None
     (match,) = result.entities
     assert (match.value, match.match_type) == (value, "fuzzy")
     assert 0.0 < match.confidence < 1.0
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        # everyday words that are also one-word scenario aliases: no cue, no mask
+        ("напомни мне вечером позвонить маме", "напомни мне вечером позвонить маме"),
+        ("what should i do at work today", "what should i do at work {date}"),
+        ("i am away next week", "i am away next week"),
+        ("it is a beautiful morning", "it is a beautiful morning"),
+        ("во сколько начинается кино", "во сколько начинается кино"),
+        # a cue within two words before, or right after
+        ("переключи на утро", "переключи на {scenario}"),
+        ("запусти вечер", "запусти {scenario}"),
+        ("включи режим кино", "включи режим {scenario}"),
+        ("start evening", "start {scenario}"),
+        ("set the scenario to away", "set the scenario to {scenario}"),
+        ("вечер сценарий", "{scenario} сценарий"),
+        # multi-word aliases need no cue
+        ("доброе утро", "{scenario}"),
+        ("movie night please", "{scenario} please"),
+    ],
+)
+def test_everyday_word_aliases_need_a_cue(repo_canon: Canonicalizer, text: str, masked: str) -> None:
+    assert repo_canon.canonicalize(text).masked == masked
 
 
 @pytest.mark.parametrize(

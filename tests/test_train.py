@@ -307,3 +307,29 @@ def test_embedded_model_is_reproducible(tmp_path: Path) -> None:
     new = msgspec.json.decode((path / "metrics.json").read_bytes())
     old = msgspec.json.decode((committed / "metrics.json").read_bytes())
     assert new["val_accuracy"] >= old["val_accuracy"] - 0.01
+
+
+def test_weight_average_is_what_gets_exported() -> None:
+    """ema_decay > 0 exports the running average; with a decay near 0 the average is the last weights."""
+    import torch  # noqa: PLC0415 - training-only dependency
+
+    from skill.features import Featurizer, build_vocab  # noqa: PLC0415
+    from tools._loop import TrainConfig, fit_net  # noqa: PLC0415
+
+    texts = [t for intent in TINY["intents"] for loc in ("en", "ru") for t in intent["examples"][loc]]
+    labels = [
+        i for i, intent in enumerate(TINY["intents"]) for loc in ("en", "ru") for _ in intent["examples"][loc]
+    ]
+    feat = Featurizer(build_vocab(texts))
+
+    def weights(**kw: float) -> list[torch.Tensor]:
+        cfg = TrainConfig(epochs=3, batch_size=8, **kw)
+        net = fit_net(feat, texts, labels, len(TINY["intents"]), seed=5, cfg=cfg, progress=False)
+        return [p.detach().clone() for p in net.parameters()]
+
+    plain = weights()
+    last_step_only = weights(ema_decay=1e-12, ema_start=0.0)
+    averaged = weights(ema_decay=0.9, ema_start=0.0)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, last_step_only, strict=True))
+    moved = [not torch.allclose(a, b) for a, b in zip(plain, averaged, strict=True) if a.requires_grad]
+    assert sum(moved) >= len(moved) // 2

@@ -29,7 +29,7 @@ _LOGGER = logging.getLogger(__name__)
 class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Optimisation settings (stored with the model)."""
 
-    epochs: int = 30
+    epochs: int = 40
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -42,7 +42,7 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     word_dropout: float = 0.0  # replace word ids by "unknown" (measured: no gain)
     label_smoothing: float = 0.1
     threads: int = 1  # torch intra-op threads (the brief allows 2; 1 is faster on a shared machine)
-    ema_decay: float = 0.0  # > 0: export an exponential moving average of the weights
+    ema_decay: float = 0.998  # > 0: export an exponential moving average of the weights (0: last weights)
     ema_start: float = 0.5  # share of the training steps after which the average starts
 
 
