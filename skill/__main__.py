@@ -10,6 +10,7 @@ import sys
 
 from aiohttp import web
 
+from . import memory
 from .app import create_app
 from .config import ConfigError, load_config
 from .security import is_loopback
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    memory.limit_arenas(config.malloc_arena_max)  # before any worker thread exists
     try:
         asyncio.run(serve(ServiceState(config)))
     except OSError as exc:

@@ -53,6 +53,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     audit_backups: int = 5
     audit_queue: int = 10_000  # records waiting for the writer thread; beyond it they are dropped
     recent_decisions: int = 50  # kept in memory for the status page
+    malloc_arena_max: int = 2  # glibc malloc arenas, set at start (0 = glibc's default, 8 per core)
+    memory_trim: bool = True  # give freed heap back to the OS after each model swap (glibc)
 
     def model_roots(self) -> list[Path]:
         """Where model versions are looked up, in order: the node's root, then the embedded one."""
@@ -78,6 +80,8 @@ _ENV: dict[str, str] = {
     "ADAOS_LOGS_DIR": "audit_dir",
     "NLU_AUDIT_ENABLED": "audit_enabled",
     "NLU_AUDIT_TEXT": "audit_text",
+    "NLU_MALLOC_ARENA_MAX": "malloc_arena_max",
+    "NLU_MEMORY_TRIM": "memory_trim",
 }
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 
 
-class Outcome(str, enum.Enum):
+class Outcome(str, enum.Enum):  # noqa: UP042 - str() and format() of members stay "Outcome.X"
     """What a stage (or the whole pipeline) concluded."""
 
     ACCEPT = "accept"

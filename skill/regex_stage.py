@@ -50,7 +50,7 @@ class RegexStage:
         """Accept at confidence 1.0 on the first matching rule, otherwise abstain."""
         text = canonical.masked
         for rule in self.rules:
-            if rule.locale != "any" and rule.locale != canonical.locale:
+            if rule.locale not in {"any", canonical.locale}:
                 continue
             match = rule.pattern.search(text)
             if match is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import logging
 import threading
 import time
@@ -11,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from . import SERVICE_NAME, __version__
+from . import SERVICE_NAME, __version__, memory
 from .canonicalize import Canonicalizer
 from .catalog import Catalog, load_catalog
 from .config import Config
@@ -94,11 +95,17 @@ class ServiceState:
         """Build a new pipeline and swap it in; on any failure keep the old one serving."""
         with self._lock:
             try:
-                return self._load(trigger)
+                event = self._load(trigger)
             except Exception as exc:
                 if self.pipeline is None:
                     raise
-                return self._refuse(trigger, f"{type(exc).__name__}: {exc}")
+                event = self._refuse(trigger, f"{type(exc).__name__}: {exc}")
+            if self.config.memory_trim and trigger != "start":
+                # The old pipeline is unreferenced now (requests still using it keep it until they
+                # end; the next trim gets those). Collect cycles, then hand free pages back.
+                gc.collect()
+                memory.trim()
+            return event
 
     def _refuse(self, trigger: str, error: str) -> ReloadEvent:
         old = self.pipeline

@@ -199,3 +199,37 @@ def test_quality_gate_per_intent_diff() -> None:
         _report(0.9, 0.1, per={"a.b": 0.8, "c.d": 1.0}), _report(0.9, 0.1, per={"a.b": 0.9})
     )
     assert len(diff) == 2 and "a.b" in diff[0] and "90.0%" in diff[0] and "80.0%" in diff[0]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_swap_hands_freed_memory_back(
+    node: tuple[Path, Path, str, str],
+    make_config: Callable[..., Config],
+    monkeypatch: pytest.MonkeyPatch,
+    enabled: bool,
+) -> None:
+    """After every reload but the first load, glibc's malloc_trim runs (unless memory_trim is off)."""
+    from skill import memory  # noqa: PLC0415
+
+    calls: list[int] = []
+    monkeypatch.setattr(memory, "trim", lambda: calls.append(1) or True)
+    catalog, root, a, b = node
+    state = ServiceState(make_config(catalog_dir=str(catalog), models_dir=str(root), memory_trim=enabled))
+    state.load()
+    assert calls == []
+    write_pointer(root, b, why="test")
+    assert state.load("pointer").ok and state.pipeline is not None and state.pipeline.model_id == b
+    write_pointer(root, a, why="test")
+    (root / a / "model.onnx").write_bytes(b"damaged")
+    assert not state.load("pointer").ok  # a refused reload may have built and dropped stages too
+    assert len(calls) == (2 if enabled else 0)
+
+
+def test_allocator_calls_work_on_this_libc() -> None:
+    from skill import memory  # noqa: PLC0415
+
+    assert memory.limit_arenas(0) is False  # 0 keeps glibc's default
+    if memory._libc() is None:  # noqa: SLF001 - not glibc: both are no-ops
+        pytest.skip("not glibc")
+    assert memory.limit_arenas(8) is True
+    assert isinstance(memory.trim(), bool)

@@ -19,8 +19,8 @@ from skill.llm_grammar import LLM_FEATURES, LlmSettings, llm_features, sidecar_p
 from skill.scoring import calibrate
 from skill.service import ServiceState
 from tests.conftest import REPO
-from tools.tiny_gguf import write_tiny_gguf
 from tools import llm_calibrate
+from tools.tiny_gguf import write_tiny_gguf
 
 SAYS_ALARM = {"a": 1.0, '"': 1.5}  # the mini catalog's alarm.set, whatever the prompt
 

@@ -27,7 +27,7 @@ import aiohttp
 from skill.artifacts import read_manifest, write_manifest
 from skill.config import load_config
 from skill.registry import resolve_model_dir, write_pointer
-from tools.bench_http import MODEL_PATH, REGEX_PATH, free_port, percentile, wait_healthy
+from tools.bench_http import MODEL_PATH, REGEX_PATH, free_port, percentile, rss_mb, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -100,6 +100,13 @@ async def flipper(root: Path, ids: list[str], switches: int, interval: float) ->
     return times
 
 
+async def sample_rss(pid: int, samples: list[float], every: float = 0.5) -> None:
+    """Append the service's RSS (MiB) every ``every`` seconds until cancelled."""
+    while True:
+        samples.append(rss_mb(pid))
+        await asyncio.sleep(every)
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     """Set up the root, start the service, measure both phases."""
     cfg = load_config()
@@ -119,6 +126,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADAOS_")}
     env["ADAOS_LOGS_DIR"] = str(tmp / "logs")
+    for item in args.env:
+        key, _, value = item.partition("=")
+        env[key] = value
     cmd = [
         sys.executable,
         "-m",
@@ -131,14 +141,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "WARNING",
     ]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO)
+    rss: dict[str, float] = {}
+    samples: list[float] = []
     try:
         await wait_healthy(url, proc, 30.0)
         await drive(url, args.clients, 2.0, 200)  # warm-up
+        rss["after_warmup"] = rss_mb(proc.pid)
         steady = await drive(url, args.clients, args.seconds, 100_000)
+        rss["after_steady_phase"] = rss_mb(proc.pid)
         interval = args.seconds / (args.switches + 1)
+        sampler = asyncio.create_task(sample_rss(proc.pid, samples))
         flips, switching = await asyncio.gather(
             flipper(root, ids, args.switches, interval), drive(url, args.clients, args.seconds, 100_000)
         )
+        await asyncio.sleep(2.0)  # let the last reload settle
+        sampler.cancel()
+        rss["after_switches"] = rss_mb(proc.pid)
+        rss["max_while_switching"] = max(samples, default=float("nan"))
         async with aiohttp.ClientSession() as session, session.get(url + "/health") as resp:
             health = await resp.json()
     finally:
@@ -157,6 +176,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "with_switches": switching,
         "reloads_total": health.get("reloads_total"),
         "refusals_total": health.get("refusals_total"),
+        "rss_mb": {k: round(v, 1) for k, v in rss.items()},
+        "service_env": args.env,
         "exit_code_after_sigterm": code,
         "command": "python -m tools.bench_switch " + " ".join(sys.argv[1:]),
     }
@@ -171,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--a", help="version folder A (default: the active model)")
     parser.add_argument("--b", help="version folder B (default: a copy of A under a second id)")
     parser.add_argument("--out", help="write the JSON report here")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment for the service"
+    )
     args = parser.parse_args(argv)
     args.clients = max(1, min(args.clients, 200))
     args.seconds = max(2.0, min(args.seconds, 300.0))
