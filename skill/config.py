@@ -55,6 +55,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     recent_decisions: int = 50  # kept in memory for the status page
     malloc_arena_max: int = 2  # glibc malloc arenas, set at start (0 = glibc's default, 8 per core)
     memory_trim: bool = True  # give freed heap back to the OS after each model swap (glibc)
+    catalog_examples: bool = True  # add catalog examples the model's kNN index lacks (no retraining)
 
     def model_roots(self) -> list[Path]:
         """Where model versions are looked up, in order: the node's root, then the embedded one."""
@@ -82,6 +83,7 @@ _ENV: dict[str, str] = {
     "NLU_AUDIT_TEXT": "audit_text",
     "NLU_MALLOC_ARENA_MAX": "malloc_arena_max",
     "NLU_MEMORY_TRIM": "memory_trim",
+    "NLU_CATALOG_EXAMPLES": "catalog_examples",
 }
 
 

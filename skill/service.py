@@ -72,6 +72,7 @@ class ServiceState:
             "llm": StageStatus(False, "not configured"),
         }
         self.reloads: list[ReloadEvent] = []
+        self._rows_cache: tuple[str, list[Any]] | None = None
         self.refusals: list[ReloadEvent] = []
         self.started = time.monotonic()
         self.load_error: str | None = None
@@ -117,6 +118,14 @@ class ServiceState:
         self.load_error = error
         return event
 
+    def _catalog_rows(self, catalog: Catalog, canonicalizer: Canonicalizer) -> list[Any]:
+        """The catalog's examples as index rows (cached per catalog digest: a pointer flip reuses them)."""
+        from .ranker import catalog_example_rows  # noqa: PLC0415 - the ML runtime loads with the ranker
+
+        if self._rows_cache is None or self._rows_cache[0] != catalog.digest:
+            self._rows_cache = (catalog.digest, catalog_example_rows(catalog, canonicalizer))
+        return self._rows_cache[1]
+
     def _load(self, trigger: str) -> ReloadEvent:
         cfg = self.config
         old = self.pipeline
@@ -142,7 +151,11 @@ class ServiceState:
         else:
             try:
                 ranker = load_ranker(model_dir, cfg.onnx_threads)
+                add = getattr(ranker, "add_examples", None)
+                if cfg.catalog_examples and add is not None:
+                    add(self._catalog_rows(catalog, canonicalizer))
             except Exception as exc:  # noqa: BLE001 - any load failure is reported, never fatal
+                ranker = None
                 error = f"{type(exc).__name__}: {exc}"
         if ranker is None and old is not None and old.ranker is not None:
             return self._refuse(trigger, error or "model not loaded")

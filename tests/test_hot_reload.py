@@ -233,3 +233,66 @@ def test_allocator_calls_work_on_this_libc() -> None:
         pytest.skip("not glibc")
     assert memory.limit_arenas(8) is True
     assert isinstance(memory.trim(), bool)
+
+
+NEW_EXAMPLE = "квакни трижды погромче"  # no training row looks like it
+
+
+def _add_to_catalog(catalog: Path, intent: str, text: str, *, new_intent: bool = False) -> None:
+    path = catalog / "intents" / "tiny.yaml"
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if new_intent:
+        data["intents"].append(
+            {"intent": intent, "description": {"ru": "Новое"}, "examples": {"ru": [text, text + " ещё"]}}
+        )
+    else:
+        next(i for i in data["intents"] if i["intent"] == intent)["examples"]["ru"].append(text)
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+
+
+async def test_reindex_adds_new_catalog_examples_without_retraining(
+    aiohttp_client: Any, tmp_path: Path, node: tuple[Path, Path, str, str], make_config: Callable[..., Config]
+) -> None:
+    catalog_src, root, _a, _b = node
+    catalog = tmp_path / "catalog"
+    shutil.copytree(catalog_src, catalog)
+    client, state = await _started(
+        aiohttp_client, make_config(catalog_dir=str(catalog), models_dir=str(root))
+    )
+    before = await (await client.get("/health")).json()
+    # the model's index lacks the held-out (val) examples: the service added them at start
+    assert state.pipeline is not None and state.pipeline.ranker is not None
+    added = state.pipeline.ranker.info()["catalog_rows_added"]
+    assert added["examples"] > 0 and added["skipped_unknown_intent"] == 0
+
+    first = await (await client.post("/parse", json={"text": NEW_EXAMPLE, "locale": "ru"})).json()
+    assert first["evidence"]["nearest_example_similarity"] < 0.99
+
+    _add_to_catalog(catalog, "music.play", NEW_EXAMPLE)
+    _add_to_catalog(catalog, "lights.dance", "устрой световое шоу", new_intent=True)
+    resp = await client.post("/reindex", json={})
+    body = await resp.json()
+    assert resp.status == 200 and body["ok"] is True
+    assert body["after"]["examples_total"] == before["examples_total"] + 1
+    added = state.pipeline.ranker.info()["catalog_rows_added"]
+    assert added["skipped_unknown_intent"] == 2  # the model cannot score an intent it never saw
+
+    parsed = await (await client.post("/parse", json={"text": NEW_EXAMPLE, "locale": "ru"})).json()
+    assert parsed["evidence"]["nearest_example_similarity"] > 0.999  # the new example is its neighbour
+
+
+def test_catalog_examples_can_be_turned_off(
+    node: tuple[Path, Path, str, str], make_config: Callable[..., Config]
+) -> None:
+    catalog, root, _a, _b = node
+    on = ServiceState(make_config(catalog_dir=str(catalog), models_dir=str(root)))
+    off = ServiceState(make_config(catalog_dir=str(catalog), models_dir=str(root), catalog_examples=False))
+    on.load()
+    off.load()
+    assert on.health()["examples_total"] > off.health()["examples_total"]
+    assert off.pipeline is not None and off.pipeline.ranker is not None
+    assert off.pipeline.ranker.info()["catalog_rows_added"] == {
+        "examples": 0,
+        "negatives": 0,
+        "skipped_unknown_intent": 0,
+    }

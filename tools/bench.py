@@ -146,9 +146,16 @@ def _peak_rss_mb() -> tuple[float, float]:
     return ru, ru
 
 
-def evaluate(model_dir: Path, rows: Sequence[BenchRow], catalog_root: Path, threads: int) -> EvalOutput:
-    """Run every val and test row through ``skill.pipeline`` (regex off) and time it, after a warm-up."""
-    from skill.ranker import Ranker  # noqa: PLC0415 - serving runtime, loaded only where it is used
+def evaluate(
+    model_dir: Path, rows: Sequence[BenchRow], catalog_root: Path, threads: int, index_val: bool = False
+) -> EvalOutput:
+    """Run every val and test row through ``skill.pipeline`` (regex off) and time it, after a warm-up.
+
+    ``index_val``: after the val rows are scored, add them to the ranker's example indexes (in-scope
+    rows as examples, ``oos`` rows as negatives), as the service does with catalog examples the model
+    was not trained on, then score test.
+    """
+    from skill.ranker import ExampleRow, Ranker  # noqa: PLC0415 - serving runtime, loaded where used
 
     catalog = load_catalog(catalog_root)
     ranker = Ranker.load(model_dir, threads=threads)
@@ -159,9 +166,24 @@ def evaluate(model_dir: Path, rows: Sequence[BenchRow], catalog_root: Path, thre
     for row in warm:
         pipeline.parse(row.text, row.locale or row.lang or None)
     out: dict[str, list[metrics.Prediction]] = {"val": [], "test": []}
-    for row in rows:
-        if row.split not in out:
-            continue
+    ordered = [r for r in rows if r.split == "val"] + [r for r in rows if r.split == "test"]
+    added: dict[str, int] | None = None
+    for row in ordered:
+        if index_val and added is None and row.split == "test":
+            canon = pipeline.canonicalizer
+            added = ranker.add_examples(
+                [
+                    ExampleRow(
+                        canon.canonicalize(r.text, r.locale or r.lang or None).masked,
+                        r.intent,
+                        r.locale or r.lang,
+                        negative=r.intent == metrics.OOS,
+                    )
+                    for r in rows
+                    if r.split == "val"
+                ]
+            )
+            _LOGGER.info("val rows added to the indexes before test: %s", added)
         started = time.perf_counter()
         result = pipeline.parse(row.text, row.locale or row.lang or None)
         elapsed = (time.perf_counter() - started) * 1000.0
@@ -202,7 +224,9 @@ def evaluate(model_dir: Path, rows: Sequence[BenchRow], catalog_root: Path, thre
     )
 
 
-def run_child(model_dir: Path, rows_path: Path, out: Path, catalog_root: Path, threads: int) -> EvalOutput:
+def run_child(  # noqa: PLR0917 - the child's flags, one to one
+    model_dir: Path, rows_path: Path, out: Path, catalog_root: Path, threads: int, index_val: bool = False
+) -> EvalOutput:
     """Evaluate in a fresh interpreter that never imports torch; returns its predictions."""
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -220,6 +244,7 @@ def run_child(model_dir: Path, rows_path: Path, out: Path, catalog_root: Path, t
         "tools.bench",
         "--evaluate-only",
         *(str(x) for kv in flags.items() for x in kv),
+        *(["--index-val"] if index_val else []),
     ]
     _LOGGER.info("evaluating in a child process: %s", shlex.join(cmd))
     done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, check=False)
@@ -363,7 +388,7 @@ def bench(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     model_dir, seconds, facts, eval_rows = _train(args, out)
     rows_path = out / EVAL_ROWS_NAME
     rows_path.write_bytes(b"".join(msgspec.json.encode(r) + b"\n" for r in eval_rows))
-    ev = run_child(model_dir, rows_path, out, Path(args.catalog).resolve(), args.threads)
+    ev = run_child(model_dir, rows_path, out, Path(args.catalog).resolve(), args.threads, args.index_val)
     scores = metrics.score(ev.test, ev.val)
     meta = {
         "command": "python -m tools.bench " + shlex.join(argv),
@@ -371,6 +396,7 @@ def bench(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         "data_sha256": _sha256(Path(args.data)),
         "seed": args.seed,
         "limit": args.limit,
+        "index_val": args.index_val,
         "catalog": str(args.catalog),
         "model_dir": str(model_dir),
         "python": sys.version.split()[0],
@@ -397,6 +423,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--catalog", type=Path, default=REPO_ROOT / "catalog", help="catalog for canonicalization")
     p.add_argument("--model", type=Path, default=None, help="evaluate this model folder instead of training")
     p.add_argument("--use-oos-train", action="store_true", help="train with the data's oos training rows")
+    p.add_argument(
+        "--index-val",
+        action="store_true",
+        help="add the val rows to the example indexes before scoring test (what the service does with "
+        "catalog examples the model was not trained on)",
+    )
     p.add_argument("--evaluate-only", action="store_true", help="(child) evaluate --model on --data only")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -416,7 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise BenchError("--evaluate-only needs --model")
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
-            ev = evaluate(Path(args.model), read_rows(Path(args.data)), Path(args.catalog), args.threads)
+            ev = evaluate(
+                Path(args.model), read_rows(Path(args.data)), Path(args.catalog), args.threads, args.index_val
+            )
             (out / PREDICTIONS_NAME).write_bytes(msgspec.json.encode(ev))
             _LOGGER.info(
                 "evaluated %d val + %d test rows, peak RSS %.1f MiB",
