@@ -54,7 +54,7 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> RegexStage:
         ("nothing here", "en", None, None, {}),
     ],
 )
-def test_rules(
+def test_rules(  # noqa: PLR0917 - one parameter per column of the table above
     stage: RegexStage, masked: str, locale: str, intent: str | None, rule: str | None, slots: dict[str, str]
 ) -> None:
     d = stage.decide(Canonical(text=masked, normalized=masked, masked=masked, locale=locale))

@@ -115,7 +115,8 @@ def quality_gate(candidate: Any, current: Any | None) -> tuple[list[str], list[s
         if candidate.accuracy < current.accuracy - MAX_ACCURACY_DROP:
             reasons.append(
                 f"accuracy drops {100 * (current.accuracy - candidate.accuracy):.2f} points "
-                f"({current.accuracy:.4f} -> {candidate.accuracy:.4f}; limit {100 * MAX_ACCURACY_DROP} points)"
+                f"({current.accuracy:.4f} -> {candidate.accuracy:.4f}; "
+                f"limit {100 * MAX_ACCURACY_DROP} points)"
             )
         if candidate.ece > current.ece + MAX_ECE_GROWTH:
             reasons.append(
