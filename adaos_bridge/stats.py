@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from skill.fsutil import atomic_write
+
 from .client import ServiceReply
 from .gates import Status, Verdict
 from .intake import IntentRequest
-from .overlay import atomic_write
 
 _LOGGER = logging.getLogger(__name__)
 RECENT_MAX = 100

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import msgspec
 
+from .fsutil import atomic_write
+
 POINTER_NAME = "active.json"
 HISTORY_NAME = "history.jsonl"
 
@@ -32,22 +34,13 @@ def read_pointer(root: Path) -> Pointer | None:
         raise ValueError(f"{path}: damaged pointer: {exc}") from exc
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def write_pointer(root: Path, model_id: str, *, who: str = "", why: str = "") -> Pointer:
     """Point ``root`` at ``model_id`` (atomically) and append the change to the history."""
     root.mkdir(parents=True, exist_ok=True)
     old = read_pointer(root)
     now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     pointer = Pointer(model_id=model_id, previous=old.model_id if old else None, updated=now)
-    _atomic_write(root / POINTER_NAME, json.dumps(msgspec.to_builtins(pointer), indent=2).encode() + b"\n")
+    atomic_write(root / POINTER_NAME, json.dumps(msgspec.to_builtins(pointer), indent=2).encode() + b"\n")
     entry = {
         "ts": now,
         "who": who or os.environ.get("USER", ""),

@@ -23,9 +23,7 @@ import argparse
 import datetime as dt
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +36,7 @@ from skill.canonicalize import Canonical, Canonicalizer
 from skill.catalog import Catalog, load_catalog
 from skill.config import load_config
 from skill.decision import Decision, Outcome
+from skill.fsutil import atomic_write
 from skill.gate import GateConfig
 from skill.llm_grammar import LLM_FEATURES, NONE, LlmSettings, llm_features, sidecar_path
 from skill.pipeline import Pipeline
@@ -174,17 +173,7 @@ def write_sidecar(model: Path, cal: Any, report: dict[str, Any], out: Path | Non
     current["calibration_report"] = report
     data = json.dumps(current, indent=1, ensure_ascii=False).encode() + b"\n"
     msgspec.json.decode(data, type=LlmSettings)  # what the service will read must load
-    fd, tmp = tempfile.mkstemp(prefix=".nlu-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(target, data)
     return target
 
 
