@@ -35,6 +35,17 @@ class Owner(_Strict, frozen=True, forbid_unknown_fields=True):
     id: str
 
 
+class SlotRange(_Strict, frozen=True, forbid_unknown_fields=True):
+    """Inclusive bounds of a numeric slot value; either may be absent."""
+
+    min: float | None = None
+    max: float | None = None
+
+    def admits(self, x: float) -> bool:
+        """Whether ``x`` lies within the bounds."""
+        return (self.min is None or x >= self.min) and (self.max is None or x <= self.max)
+
+
 class SlotSpec(_Strict, frozen=True, forbid_unknown_fields=True):
     """A slot an intent may carry.
 
@@ -48,6 +59,15 @@ class SlotSpec(_Strict, frozen=True, forbid_unknown_fields=True):
     value: Literal["value", "ref", "id", "text"] = "value"
     required: bool = False
     description: str = ""
+    # Registry kinds the slot accepts (``light`` = ``device.light``); a resolved entity of another kind
+    # is a kind conflict, and the intent is not accepted for it.
+    kinds: tuple[str, ...] = ()
+    # An open-class slot (a song, a reminder's text): no registry, filled by the slot tagger.
+    open: bool = False
+    # Numeric bounds of a value slot (durations in seconds, temperatures in degrees Celsius).
+    range: SlotRange | None = None
+    # What the words "max" / "min" ("на максимум", "lowest") mean for this slot.
+    extremes: dict[Literal["max", "min"], str] = msgspec.field(default_factory=dict)
 
 
 class RegexRule(_Strict, frozen=True, forbid_unknown_fields=True):
@@ -93,6 +113,8 @@ class Intent(_Strict, frozen=True, forbid_unknown_fields=True):
     risky: bool = False
     thresholds: Thresholds | None = None
     prior: float = 1.0
+    # The intent that undoes this one ("cancel that" after alarm.set -> alarm.cancel).
+    cancel_intent: str | None = None
 
 
 class IntentFile(_Strict, frozen=True, forbid_unknown_fields=True):
@@ -120,13 +142,22 @@ class EntityFile(_Strict, frozen=True, forbid_unknown_fields=True):
     schema_version: int = 1
 
 
+class Span(msgspec.Struct, frozen=True, array_like=True):
+    """A marked slot span of an example: character offsets into the stripped text."""
+
+    start: int
+    end: int
+    slot: str
+
+
 class Example(msgspec.Struct, frozen=True):
-    """A flattened training row."""
+    """A flattened training row (markup stripped; ``spans`` are the marked slots)."""
 
     text: str
     intent: str
     locale: str
     owner: str
+    spans: tuple[Span, ...] = ()
 
 
 class Catalog(msgspec.Struct, frozen=True):
@@ -139,15 +170,29 @@ class Catalog(msgspec.Struct, frozen=True):
     out_of_scope: dict[str, list[str]]
     masking: dict[str, Any]
     digest: str
+    # intent -> locale -> spans of each example (same order as ``Intent.examples``, markup stripped).
+    spans: dict[str, dict[str, list[tuple[Span, ...]]]] = msgspec.field(default_factory=dict)
 
     def examples(self, locales: Iterable[str] | None = None) -> Iterator[Example]:
         """Positive examples as flat rows, in catalog order."""
         wanted = set(locales) if locales is not None else None
         for name, intent in self.intents.items():
+            marks = self.spans.get(name, {})
             for locale, texts in intent.examples.items():
                 if wanted is None or locale in wanted:
-                    for text in texts:
-                        yield Example(text, name, locale, self.owners[name].id)
+                    per = marks.get(locale, [])
+                    for i, text in enumerate(texts):
+                        yield Example(text, name, locale, self.owners[name].id, per[i] if i < len(per) else ())
+
+    def markup_counts(self) -> dict[str, int]:
+        """How many examples carry markup, and how many spans, per slot (for ``/health``)."""
+        out: dict[str, int] = {"examples_marked": 0, "spans": 0}
+        for per_locale in self.spans.values():
+            for rows in per_locale.values():
+                for spans in rows:
+                    out["examples_marked"] += bool(spans)
+                    out["spans"] += len(spans)
+        return out
 
     def negatives(self, locales: Iterable[str] | None = None) -> Iterator[Example]:
         """Negative rows: per-intent negatives (intent = the one they are *not*) and out-of-scope."""
@@ -164,6 +209,46 @@ class Catalog(msgspec.Struct, frozen=True):
 
 
 _INTENT_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
+_MARK = re.compile(r"\[([^\[\]()]+)\]\(([A-Za-z_][\w]*)\)")
+
+
+class MarkupError(ValueError):
+    """Bad slot markup in one example."""
+
+
+def parse_markup(text: str) -> tuple[str, tuple[Span, ...]]:
+    """``"turn on the [ceiling fan](device)"`` → (``"turn on the ceiling fan"``, spans).
+
+    Rasa's convention: ``[surface](slot)``. Unbalanced or nested brackets are errors.
+    """
+    if "[" not in text and "]" not in text:
+        return text, ()
+    out: list[str] = []
+    spans: list[Span] = []
+    pos = 0
+    for m in _MARK.finditer(text):
+        between = text[pos : m.start()]
+        if "[" in between or "]" in between:
+            raise MarkupError(f"unbalanced or nested brackets in {text!r}")
+        out.append(between)
+        start = sum(len(p) for p in out)
+        surface = m.group(1)
+        if surface != surface.strip() or not surface.strip():
+            raise MarkupError(f"span {surface!r} has leading or trailing spaces in {text!r}")
+        out.append(surface)
+        spans.append(Span(start, start + len(surface), m.group(2)))
+        pos = m.end()
+    tail = text[pos:]
+    if "[" in tail or "]" in tail:
+        raise MarkupError(f"unbalanced or nested brackets in {text!r}")
+    out.append(tail)
+    return "".join(out), tuple(spans)
+
+
+def _line_of(raw_text: str, needle: str) -> int | None:
+    """1-based line of the first occurrence of ``needle`` in a file's text (YAML loses line numbers)."""
+    idx = raw_text.find(needle)
+    return raw_text.count("\n", 0, idx) + 1 if idx >= 0 else None
 
 
 def _read_yaml(path: Path) -> Any:
@@ -203,6 +288,54 @@ def _convert(path: Path, raw: Any, typ: type[Any]) -> Any:
         text = str(exc)
         key = text.rsplit("at `", 1)[-1].rstrip("`") if "at `" in text else "$"
         raise CatalogError(path, _resolve_key(raw, key), text) from exc
+
+
+def _strip_markup(
+    path: Path, raw_text: str, idx: int, intent: Intent
+) -> tuple[Intent, dict[str, list[tuple[Span, ...]]]]:
+    """Examples without markup, their spans; unknown slot names and bad brackets name file and line."""
+    examples: dict[str, list[str]] = {}
+    spans: dict[str, list[tuple[Span, ...]]] = {}
+    for locale, texts in intent.examples.items():
+        for e_idx, text in enumerate(texts):
+            key = f"$.intents[{idx}].examples.{locale}[{e_idx}]"
+            line = _line_of(raw_text, text)
+            where = f"line {line}: " if line else ""
+            try:
+                plain, marks = parse_markup(text)
+            except MarkupError as exc:
+                raise CatalogError(path, key, f"{where}{exc}") from exc
+            for sp in marks:
+                if sp.slot not in intent.slots:
+                    raise CatalogError(
+                        path, key, f"{where}unknown slot {sp.slot!r} in markup (intent {intent.intent})"
+                    )
+            examples.setdefault(locale, []).append(plain)
+            spans.setdefault(locale, []).append(marks)
+    for field_name, per_locale in (("negatives", intent.negatives),):
+        for locale, texts in per_locale.items():
+            for e_idx, text in enumerate(texts):
+                if _MARK.search(text):
+                    line = _line_of(raw_text, text)
+                    raise CatalogError(
+                        path,
+                        f"$.intents[{idx}].{field_name}.{locale}[{e_idx}]",
+                        f"line {line}: slot markup in a negative" if line else "slot markup in a negative",
+                    )
+    return msgspec.structs.replace(intent, examples=examples), spans
+
+
+def _check_kinds(catalog_kinds: set[str], intents: dict[str, Intent], where: dict[str, Path]) -> None:
+    """Every ``kinds`` constraint names a registry kind (``light`` = ``device.light``)."""
+    for name, intent in intents.items():
+        for slot, spec in intent.slots.items():
+            for kind in spec.kinds:
+                if kind not in catalog_kinds and f"device.{kind}" not in catalog_kinds:
+                    raise CatalogError(
+                        where[name], f"{name}.slots.{slot}.kinds", f"unknown entity kind {kind!r}"
+                    )
+        if intent.cancel_intent is not None and intent.cancel_intent not in intents:
+            raise CatalogError(where[name], f"{name}.cancel_intent", f"unknown intent {intent.cancel_intent!r}")
 
 
 def _check_intent(path: Path, idx: int, intent: Intent) -> None:
@@ -260,23 +393,39 @@ def load_catalog(root: Path | str, overlays: Iterable[Path | str] = ()) -> Catal
     files = sorted((root / "intents").glob("*.yaml"))
     if not files:
         raise CatalogError(root / "intents", "$", "no intent files")
-    parsed_files: list[tuple[Path, IntentFile]] = []
+    spans: dict[str, dict[str, list[tuple[Span, ...]]]] = {}
+    where: dict[str, Path] = {}
+    parsed_files: list[tuple[Path, IntentFile, str]] = []
     for path in [*files, *(Path(o) for o in overlays if Path(o).is_file())]:
         raw_bytes = path.read_bytes()
         digest.update(path.name.encode() + b"\0" + raw_bytes)
-        parsed_files.append((path, _convert(path, _read_yaml(path), IntentFile)))
+        raw_text = raw_bytes.decode("utf-8", errors="replace")
+        parsed_files.append((path, _convert(path, _read_yaml(path), IntentFile), raw_text))
     parsed_files.sort(key=lambda item: item[1].owner.type == "teacher")  # stable: teacher last
-    for path, parsed in parsed_files:
+    for path, parsed, raw_text in parsed_files:
         teacher = parsed.owner.type == "teacher"
-        for idx, intent in enumerate(parsed.intents):
-            _check_intent(path, idx, intent)
+        for idx, raw_intent in enumerate(parsed.intents):
+            _check_intent(path, idx, raw_intent)
+            if teacher and raw_intent.intent in intents:
+                # An overlay extends an intent defined elsewhere: its markup names that intent's slots.
+                raw_intent = msgspec.structs.replace(raw_intent, slots=intents[raw_intent.intent].slots)
+            intent, marks = _strip_markup(path, raw_text, idx, raw_intent)
             if intent.intent in intents:
                 if not teacher:
                     raise CatalogError(path, f"$.intents[{idx}].intent", f"duplicate {intent.intent}")
-                intents[intent.intent] = _merge_teacher(intents[intent.intent], intent)
+                base = intents[intent.intent]
+                merged = _merge_teacher(base, intent)
+                have = spans.setdefault(intent.intent, {})
+                for locale, texts in merged.examples.items():
+                    rows = have.setdefault(locale, [])
+                    new = dict(zip(intent.examples.get(locale, []), marks.get(locale, []), strict=True))
+                    rows.extend(new.get(t, ()) for t in texts[len(rows) :])
+                intents[intent.intent] = merged
                 continue
             intents[intent.intent] = intent
             owners[intent.intent] = parsed.owner
+            spans[intent.intent] = marks
+            where[intent.intent] = path
         for locale, texts in parsed.out_of_scope.items():
             if locale not in LOCALES:
                 raise CatalogError(path, f"$.out_of_scope.{locale}", "unknown locale")
@@ -293,6 +442,7 @@ def load_catalog(root: Path | str, overlays: Iterable[Path | str] = ()) -> Catal
                     raise CatalogError(path, f"$.kinds.{kind}[{e_idx}].ref", "duplicate ref")
                 seen_refs.add(entity.ref)
             entities.setdefault(kind, []).extend(items)
+    _check_kinds(set(entities), intents, where)
 
     masking: dict[str, Any] = {}
     masking_path = root / "masking.yaml"
@@ -310,4 +460,5 @@ def load_catalog(root: Path | str, overlays: Iterable[Path | str] = ()) -> Catal
         out_of_scope=oos,
         masking=masking,
         digest=digest.hexdigest(),
+        spans=spans,
     )
