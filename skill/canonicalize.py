@@ -24,7 +24,7 @@ _CYRILLIC = re.compile("[\u0400-\u04ff]")
 _LATIN = re.compile("[A-Za-z]")
 
 REGISTRY_PLACEHOLDERS = ("device", "room", "scenario", "app", "modal", "webspace", "skill")
-VALUE_PLACEHOLDERS = ("time", "date", "duration", "number", "city")
+VALUE_PLACEHOLDERS = ("time", "date", "duration", "number", "city", "temperature", "color")
 _PRIORITY = {"time": 0, "date": 1, "duration": 2}  # anything else (registry, city): 3
 
 
@@ -210,7 +210,7 @@ class Canonicalizer:
             v.end,
             _PRIORITY.get(v.placeholder, 3),
             v.placeholder,
-            v.placeholder,
+            v.kind or v.placeholder,
             v.value,
             None,
             "value",

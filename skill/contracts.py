@@ -54,6 +54,8 @@ class ParseResponseResult(msgspec.Struct, frozen=True):
     locale: str
     stages: list[dict[str, Any]]
     request_id: str | None = None
+    missing_slots: list[str] = msgspec.field(default_factory=list)  # required slots nothing filled
+    invalid_slots: list[str] = msgspec.field(default_factory=list)  # values out of the slot's range
 
 
 class BadRequest(ValueError):
@@ -132,4 +134,6 @@ def wire_result(res: ParseResult, accept_threshold: float, request_id: str | Non
         locale=res.canonical.locale,
         stages=[msgspec.to_builtins(s) for s in res.stages],
         request_id=request_id,
+        missing_slots=list(res.missing_slots) if top else [],
+        invalid_slots=list(res.invalid_slots),
     )

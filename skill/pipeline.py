@@ -8,10 +8,11 @@ from typing import Any, Protocol
 import msgspec
 
 from .canonicalize import Canonical, Canonicalizer
-from .catalog import Catalog, Intent
+from .catalog import Catalog
 from .decision import Decision, Outcome
 from .gate import GateConfig, IntentPolicy, gate
 from .regex_stage import RegexStage
+from .slots import drop_kind_conflicts, fill_slots, kind_conflicts
 
 
 class Stage(Protocol):
@@ -53,30 +54,8 @@ class ParseResult(msgspec.Struct, frozen=True):
     canonical: Canonical
     stages: tuple[StageTrace, ...]
     model_id: str | None
-
-
-def fill_slots(intent: Intent | None, canonical: Canonical, extra: dict[str, Any]) -> dict[str, Any]:
-    """The intent's declared slots, from canonicalized entities and the stage's own slots."""
-    if intent is None:
-        return {}
-    slots: dict[str, Any] = {}
-    for name, spec in intent.slots.items():
-        if name in extra:
-            slots[name] = extra[name]
-            continue
-        source = spec.source or name
-        match = next((e for e in canonical.entities if e.placeholder == source), None)
-        if match is None:
-            continue
-        if spec.value == "ref":
-            slots[name] = match.ref or match.value
-        elif spec.value == "id":
-            slots[name] = (match.ref or match.value).rsplit(":", 1)[-1]
-        elif spec.value == "text":
-            slots[name] = match.text
-        else:
-            slots[name] = match.value
-    return slots
+    missing_slots: tuple[str, ...] = ()  # required slots of the decided intent that nothing filled
+    invalid_slots: tuple[str, ...] = ()  # slots whose value is out of the declared range
 
 
 def _trace(name: str, decision: Decision, started: float) -> StageTrace:
@@ -138,22 +117,35 @@ class Pipeline:
         evidence["entities"] = [msgspec.to_builtins(e) for e in canonical.entities]
         if canonical.ambiguities:
             evidence["ambiguities"] = [msgspec.to_builtins(a) for a in canonical.ambiguities]
-        final = msgspec.structs.replace(
-            final, slots=fill_slots(intent, canonical, final.slots), evidence=evidence
+        check = fill_slots(intent, canonical, final.slots)
+        if check.invalid:
+            evidence["invalid_slots"] = list(check.invalid)
+        final = msgspec.structs.replace(final, slots=check.slots, evidence=evidence)
+        if check.invalid and final.outcome is Outcome.ACCEPT:
+            # "set the light to 250 percent": the intent is clear, the value is not one it can take.
+            final = msgspec.structs.replace(final, outcome=Outcome.ABSTAIN, reason="invalid_slot_value")
+        return ParseResult(
+            final,
+            canonical,
+            tuple(traces),
+            self.model_id,
+            missing_slots=check.missing,
+            invalid_slots=tuple(i["slot"] for i in check.invalid),
         )
-        return ParseResult(final, canonical, tuple(traces), self.model_id)
 
     def _decide(self, canonical: Canonical, traces: list[StageTrace]) -> Decision:
         if self.regex is not None:
             started = time.perf_counter()
             hit = self.regex.decide(canonical)
+            if conflicts := kind_conflicts(self.catalog.intents.get(hit.intent or ""), canonical):
+                hit = Decision.abstain("regex", "kind_conflict", {"kind_conflicts": conflicts})
             traces.append(_trace("regex", hit, started))
             if hit.outcome is Outcome.ACCEPT:
                 return hit
         if self.ranker is None:
             return Decision.abstain("neural", "model_not_loaded")
         started = time.perf_counter()
-        proposal = self._gate(self.ranker.decide(canonical))
+        proposal = self._gate(drop_kind_conflicts(self.ranker.decide(canonical), self.catalog, canonical))
         traces.append(_trace("neural", proposal, started))
         if proposal.outcome is not Outcome.ABSTAIN or self.llm is None:
             return proposal

@@ -68,6 +68,8 @@ class NumberWords(_Strict, frozen=True):
     connectors: list[str] = _l()
     zero_prefix: list[str] = _l()
     not_alone: list[str] = _l()
+    # "на максимум", "max", "lowest": a {number} whose value is "max" / "min" (the slot maps it).
+    extremes: dict[Literal["max", "min"], list[str]] = _d()
 
 
 class TimeWords(_Strict, frozen=True):
@@ -111,6 +113,24 @@ class DurationWords(_Strict, frozen=True):
     and_a_half: list[str] = _l()
 
 
+class TemperatureWords(_Strict, frozen=True):
+    """{temperature}: a number with a degree word after it, or after a temperature word and a preposition."""
+
+    degree_words: list[str] = _l()
+    context: list[str] = _l()
+    prepositions: list[str] = _l()
+    fahrenheit: list[str] = _l()
+    celsius: list[str] = _l()
+
+
+class ColorWords(_Strict, frozen=True):
+    """{color}: canonical English colour names with their words; ``weak`` ones need a light word near."""
+
+    names: dict[str, list[str]] = _d()
+    weak: list[str] = _l()
+    cues: list[str] = _l()
+
+
 class City(_Strict, frozen=True):
     """A gazetteer city: canonical English name and aliases per locale."""
 
@@ -129,11 +149,14 @@ class MaskingRules(_Strict, frozen=True):
     durations: DurationWords = msgspec.field(default_factory=DurationWords)
     kind_nouns: dict[str, list[str]] = _d()
     cities: list[City] = _l()
+    temperature: TemperatureWords = msgspec.field(default_factory=TemperatureWords)
+    colors: ColorWords = msgspec.field(default_factory=ColorWords)
 
 
 _APOSTROPHES = re.compile(r"['’ʼ`´]")
 _LOOSE_SEP = re.compile(r"(?<![0-9])[:.,]|[:.,](?![0-9])")
-_TOKEN = re.compile(r"[0-9]+(?:[:.,][0-9]+)*|[^\W_]+")  # "7am" → "7 am", "mp3" stays
+_TOKEN = re.compile(r"[0-9]+(?:[:.,/][0-9]+)*|[^\W_]+|°")  # "7am" → "7 am", "mp3" stays, "1/2", "30°"
+_FRACTION = re.compile(r"([0-9]{1,3})/([0-9]{1,3})")
 _NUM = re.compile(r"[0-9]+(?:[.,][0-9]+)?")
 _THOUSANDS = re.compile(r"[0-9]{1,3}(?:,[0-9]{3})+")
 _HHMM = re.compile(r"([0-9]{1,2}):([0-9]{2})")
@@ -218,6 +241,7 @@ class ValueSpan(NamedTuple):
     placeholder: str
     value: str
     confidence: float = 1.0
+    kind: str = ""  # "temperature.fahrenheit": a finer kind than the placeholder, when said
 
 
 class _Num(NamedTuple):
@@ -270,6 +294,16 @@ class ValueParser:
         self._units, self._dur_fixed = _table(u.units), _phrases(u.fixed)
         self._bare_after, self._dur_and = _words(u.bare_after), _words(u.connectors)
         self._and_half = _phrases(dict.fromkeys(u.and_a_half, 0.5))
+        self._extremes = {w: k for k, words in n.extremes.items() for w in _words(words)}
+        tw, cw = rules.temperature, rules.colors
+        self._degrees, self._temp_ctx = _words(tw.degree_words), _words(tw.context)
+        self._temp_preps, self._fahrenheit, self._celsius = (
+            _words(tw.prepositions),
+            _words(tw.fahrenheit),
+            _words(tw.celsius),
+        )
+        self._colors = _phrases({w: name for name, words in cw.names.items() for w in words})
+        self._weak_colors, self._color_cues = _words(cw.weak), _words(cw.cues)
         self._triggers = frozenset().union(
             self._numwords,
             self._fractions,
@@ -285,6 +319,7 @@ class ValueParser:
             self._units,
             self._dur_fixed,
             self._half_prefix,
+            self._colors,
         )
 
     def find(self, words: Sequence[str], lems: Sequence[Lemmas]) -> list[ValueSpan]:
@@ -292,6 +327,8 @@ class ValueParser:
         ctx = self._ctx(words, lems)
         out: list[ValueSpan] = []
         parsers = (("time", self._time_at), ("date", self._date_at), ("duration", self._duration_at))
+        temp_ctx = any(_has(self._temp_ctx, lem) for lem in lems)
+        color_cue = any(_has(self._color_cues, lem) for lem in lems)
         for i, lem in enumerate(lems):
             word = words[i]
             if not (word[:1].isdigit() or _has(self._triggers, lem) or word.startswith(self._half_prefix)):
@@ -299,7 +336,52 @@ class ValueParser:
             for placeholder, parse in parsers:
                 if hit := parse(ctx, i):
                     out.append(ValueSpan(i, hit[0], placeholder, hit[1], hit[2]))
+            if temp := self._temperature_at(ctx, i, temp_ctx):
+                out.append(temp)
+            if color := self._color_at(ctx, i, color_cue):
+                out.append(color)
         return out
+
+    def _temperature_at(self, c: _Ctx, i: int, context: bool) -> ValueSpan | None:
+        """ "21 degrees", «двадцать один градус», "30°", "thermostat to 21" (number words only)."""
+        words, n = c.words, len(c.words)
+        num = self._number_at(c, i, n)
+        if num is None or num.value > 1000:
+            return None
+        j = num.end
+        degree = j < n and (_has(self._degrees, c.lems[j]) or words[j] == "°")
+        if not degree and not (context and i > 0 and words[i - 1] in self._temp_preps):
+            return None
+        kind = "temperature"
+        for k in range(j, min(n, j + 3)):
+            if _has(self._fahrenheit, c.lems[k]):
+                kind = "temperature.fahrenheit"
+            elif _has(self._celsius, c.lems[k]):
+                kind = "temperature.celsius"
+        return ValueSpan(i, j, "temperature", num.text, 1.0 if degree else 0.9, kind)
+
+    def _color_at(self, c: _Ctx, i: int, cue: bool) -> ValueSpan | None:
+        """A colour word ("red", «тёплый белый»); warm / cool / white only with a light word near."""
+        hit = phrase_at(self._colors, c.words, i)
+        lemma = c.lems[i][1] if len(c.lems[i]) > 1 else c.lems[i][0]
+        if hit is None and (name := self._color_lemma(lemma)) is not None:
+            hit = (name, i + 1)
+        if hit is None:
+            return None
+        surface = " ".join(c.words[i : hit[1]])
+        if (surface in self._weak_colors or _has(self._weak_colors, c.lems[i])) and not cue:
+            return None
+        return ValueSpan(i, hit[1], "color", hit[0])
+
+    def _color_lemma(self, lemma: str) -> str | None:
+        for key, name in self._colors.get(lemma, ()):
+            if len(key) == 1:
+                return name
+        return None
+
+    def extreme(self, lem: Lemmas) -> str | None:
+        """ "max" / "min" for an extreme word ("максимум", "lowest"), else None."""
+        return self._extremes.get(lem[0]) or (self._extremes.get(lem[1]) if len(lem) > 1 else None)
 
     def numbers(self, words: Sequence[str], lems: Sequence[Lemmas], free: Sequence[bool]) -> list[ValueSpan]:
         """Bare ``{number}`` spans over the free tokens, left to right."""
@@ -309,6 +391,10 @@ class ValueParser:
             while stop < n and free[stop]:
                 stop += 1
             num = self._number_at(ctx, i, stop) if stop > i else None
+            if num is None and stop > i and (ext := self.extreme(lems[i])):
+                out.append(ValueSpan(i, i + 1, "number", ext, 0.95))
+                i += 1
+                continue
             if num is None or (num.end == i + 1 and words[i] in self._not_alone):
                 i += 1
                 continue
@@ -324,6 +410,9 @@ class ValueParser:
 
     def _number_at(self, c: _Ctx, i: int, stop: int) -> _Num | None:
         word = c.words[i]
+        if word[:1].isdigit() and (fr := _FRACTION.fullmatch(word)):
+            a, b = int(fr[1]), int(fr[2])  # "1/2 an hour", "3/4"
+            return _Num(a / b, i + 1, _fmt(a / b), False) if 0 < b and a < b else None
         if word[:1].isdigit():
             text = digits_value(word)
             if not text:
@@ -552,7 +641,14 @@ class ValueParser:
                 unit = _lex(self._units, lems[j]) if bare_ok else None
                 return (unit, 1.0, j + 1) if unit else None
             amount, k = num.value, num.end
+            if amount < 1 and k + 1 < n and words[k] in self._articles:
+                k += 1  # "1/2 an hour"
         half = phrase_at(self._and_half, words, k) if k < n else None
+        if half is None and k + 1 < n and words[k] in self._dur_and:
+            m = k + 2 if k + 2 < n and words[k + 1] in self._articles else k + 1
+            frac = self._number_at(c, m, n) if m < n and _FRACTION.fullmatch(words[m]) else None
+            if frac is not None:  # "1 and a 1/2 hours"
+                amount, k = amount + frac.value, frac.end
         if half:
             amount, k = amount + 0.5, half[1]
         unit = _lex(self._units, lems[k]) if k < n else None
