@@ -103,14 +103,22 @@ class Pipeline:
         return gate(decision, self.gate_config, self.policies.get(decision.intent or ""))
 
     def parse(
-        self, text: str, locale: str | None = None, hub_entities: dict[str, Any] | None = None
+        self,
+        text: str,
+        locale: str | None = None,
+        hub_entities: dict[str, Any] | None = None,
+        *,
+        fallback: bool = True,
     ) -> ParseResult:
-        """Run every stage that is needed and return the final decision."""
+        """Run every stage that is needed and return the final decision.
+
+        ``fallback=False`` stops before the slow LLM stage (the conversation layer's split search).
+        """
         traces: list[StageTrace] = []
         started = time.perf_counter()
         canonical = self.canonicalizer.canonicalize(text, locale, hub_entities)
         traces.append(StageTrace("canonicalize", "ok", round((time.perf_counter() - started) * 1000.0, 3)))
-        final = self._decide(canonical, traces)
+        final = self._decide(canonical, traces, fallback)
         intent = self.catalog.intents.get(final.intent) if final.intent else None
         evidence = dict(final.evidence)
         evidence.setdefault("canonicalized_text", canonical.masked)
@@ -133,7 +141,7 @@ class Pipeline:
             invalid_slots=tuple(i["slot"] for i in check.invalid),
         )
 
-    def _decide(self, canonical: Canonical, traces: list[StageTrace]) -> Decision:
+    def _decide(self, canonical: Canonical, traces: list[StageTrace], use_llm: bool = True) -> Decision:
         if self.regex is not None:
             started = time.perf_counter()
             hit = self.regex.decide(canonical)
@@ -147,7 +155,7 @@ class Pipeline:
         started = time.perf_counter()
         proposal = self._gate(drop_kind_conflicts(self.ranker.decide(canonical), self.catalog, canonical))
         traces.append(_trace("neural", proposal, started))
-        if proposal.outcome is not Outcome.ABSTAIN or self.llm is None:
+        if proposal.outcome is not Outcome.ABSTAIN or self.llm is None or not use_llm:
             return proposal
         started = time.perf_counter()
         fallback = self._gate(self.llm.decide_fallback(canonical, proposal))
