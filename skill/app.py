@@ -137,7 +137,10 @@ async def handle_parse(request: web.Request) -> web.Response:
     if pipeline is None:
         raise NotReady("the model is still loading")
     loop = asyncio.get_running_loop()
-    result = await loop.run_in_executor(request.app[EXECUTOR], pipeline.parse, text, locale, req.entities)
+    hub = req.entities
+    if req.canonicalized_text:  # the hub's canonicalized text goes with its entities (skill/canonicalize.py)
+        hub = {**(req.entities or {}), "canonicalized_text": req.canonicalized_text}
+    result = await loop.run_in_executor(request.app[EXECUTOR], pipeline.parse, text, locale, hub)
     request_id = req.request_id or uuid.uuid4().hex
     wire = msgspec.to_builtins(wire_result(result, pipeline.gate_config.accept, request_id))
     elapsed = time.perf_counter() - started

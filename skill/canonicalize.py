@@ -2,6 +2,17 @@
 
 # Order: hub entities are masked first; then time / date / duration / registry / city candidates compete
 # (longest span wins; on equal length time > date > duration > registry); bare numbers fill what is left.
+#
+# The hub's entities (``entities`` of /parse: AdaOS's resolver output), in this precedence:
+#   1. a resolved entity's ``text`` (or its ``start``/``end`` in the raw text), located in the words;
+#   2. for one without a usable span: the registry aliases of its ``canonical_ref`` in the text;
+#   3. then a same-placeholder ``{slot}`` of the hub's canonicalized text, aligned word by word with the
+#      service's normalization. That text is ``canonicalized_text`` if it carries placeholders, else
+#      ``normalized_text``; it counts only when every placeholder in it is one the service knows;
+#   4. else the entity stays a slot without a span (``match_type: hub_unlocated``, offsets -1), masks
+#      nothing, and fills its slot only if no located entity of its placeholder does.
+# A hub-text placeholder no entity took masks its words only where the service's own matchers find
+# nothing. Ambiguity candidates are kept as the hub sent them (objects stay objects).
 
 from __future__ import annotations
 
@@ -44,10 +55,14 @@ class EntityMatch(msgspec.Struct, frozen=True):
 
 
 class Ambiguity(msgspec.Struct, frozen=True):
-    """A span that matches several registry entities equally well."""
+    """A span that matches several entities equally well.
+
+    ``candidates``: canonical refs when the service's own registry found the ambiguity; the hub's
+    candidates exactly as it sent them (objects stay objects) when the hub did.
+    """
 
     text: str
-    candidates: tuple[str, ...]
+    candidates: tuple[Any, ...]
 
 
 class Canonical(msgspec.Struct, frozen=True):
@@ -152,8 +167,20 @@ class Canonicalizer:
         ambiguities: list[Ambiguity] = []
         unresolved: list[str] = []
         chosen: list[_Span] = []
+        hub_text: list[_Span] = []  # placeholders of the hub's canonicalized text that no hub entity filled
+        unlocated: list[EntityMatch] = []  # hub entities kept as slots without a span
         if hub is not None:
-            chosen = self._hub(hub, text, words, taken=taken, ambiguities=ambiguities, unresolved=unresolved)
+            chosen = self._hub(
+                hub,
+                text,
+                words,
+                lems,
+                taken=taken,
+                ambiguities=ambiguities,
+                unresolved=unresolved,
+                hub_text=hub_text,
+                unlocated=unlocated,
+            )
         n_hub = len(chosen)
 
         candidates = [self._from_value(v) for v in self._values.find(words, lems)]
@@ -173,6 +200,10 @@ class Canonicalizer:
                 chosen.remove(span)
                 taken[span.start : span.end] = [False] * (span.end - span.start)
         chosen += [self._from_value(v) for v in self._values.numbers(words, lems, [not t for t in taken])]
+        for span in hub_text:  # the service found nothing there: the hub's placeholder stands
+            if not any(taken[span.start : span.end]):
+                taken[span.start : span.end] = [True] * (span.end - span.start)
+                chosen.append(span)
 
         found = {s.placeholder for s in chosen}
         for i, lem in enumerate(lems):
@@ -181,9 +212,12 @@ class Canonicalizer:
             noun = self._kind_nouns.get(lem[0]) or (self._kind_nouns.get(lem[1]) if len(lem) > 1 else None)
             if noun and noun not in found and words[i] not in unresolved:
                 unresolved.append(words[i])
-        return self._assemble(
+        canonical = self._assemble(
             text, lang, words, chosen=chosen, ambiguities=ambiguities, unresolved=unresolved
         )
+        if unlocated:
+            canonical = msgspec.structs.replace(canonical, entities=canonical.entities + tuple(unlocated))
+        return canonical
 
     def _lacks_cue(self, span: _Span, words: Sequence[str], lems: Sequence[Lemmas]) -> bool:
         """A one-word alias that is an everyday word too ("вечером", "at work") with no cue near it.
@@ -242,30 +276,86 @@ class Canonicalizer:
         hub: Any,
         text: str,
         words: Sequence[str],
+        lems: Sequence[Lemmas],
         *,
         taken: list[bool],
         ambiguities: list[Ambiguity],
         unresolved: list[str],
+        hub_text: list[_Span],
+        unlocated: list[EntityMatch],
     ) -> list[_Span]:
-        """Spans of the hub resolver's entities (masked first); malformed items are skipped."""
+        """Spans of the hub resolver's entities (masked first); malformed items are skipped.
+
+        Each entity with a known placeholder is placed by the first of these that works:
+        its ``text`` (or ``start``/``end`` in the raw text); the registry aliases of its
+        ``canonical_ref``; a same-placeholder slot of the hub's canonicalized text. Otherwise it is
+        kept as a slot with no span (``match_type: hub_unlocated``, offsets -1) and masks nothing.
+        Placeholders of the hub's canonicalized text that no entity took go to ``hub_text``: they
+        mask their span only if the service's own matchers find nothing there.
+        """
         if not isinstance(hub, Mapping):
             _LOGGER.debug("hub entities ignored: not a mapping (%s)", type(hub).__name__)
             return []
         spans: list[_Span] = []
+        floating: list[_HubEntity] = []
         items = hub.get("resolved_entities")
         for item in items if isinstance(items, (list, tuple)) else ():
-            span = self._hub_item(item, text, words, taken)
-            if span is None:
+            ent = self._hub_item(item, text)
+            if ent is None:
                 _LOGGER.debug("hub entity ignored: %r", item)
                 continue
-            taken[span.start : span.end] = [True] * (span.end - span.start)
-            spans.append(span)
+            where = _locate(tokenize(ent.surface), words, taken, ent.start) if ent.surface else None
+            if where is None:
+                floating.append(ent)
+                continue
+            spans.append(ent.span(where, "hub"))
+            taken[where[0] : where[1]] = [True] * (where[1] - where[0])
+        if floating:
+            hits = self._index.find(words, lems, taken)
+            rest = []
+            for ent in floating:
+                where = _alias_span(hits, ent.ref, taken)
+                if where is None:
+                    rest.append(ent)
+                    continue
+                spans.append(ent.span(where, "hub_alias"))
+                taken[where[0] : where[1]] = [True] * (where[1] - where[0])
+            floating = rest
+        slots = [slot for slot in _hub_text_slots(hub, words) if not any(taken[slot[1] : slot[2]])]
+        placed = {s.ref for s in spans}
+        for ent in floating:
+            slot = next((x for x in slots if x[0] == ent.placeholder), None)
+            if slot is not None:
+                slots.remove(slot)
+                spans.append(ent.span((slot[1], slot[2]), "hub_text"))
+                taken[slot[1] : slot[2]] = [True] * (slot[2] - slot[1])
+                placed.add(ent.ref)
+            elif ent.ref not in placed:
+                placed.add(ent.ref)
+                unlocated.append(
+                    EntityMatch(
+                        placeholder=ent.placeholder,
+                        kind=ent.kind,
+                        text="",
+                        start=-1,
+                        end=-1,
+                        value=ent.ref,
+                        ref=ent.ref,
+                        source="hub",
+                        match_type="hub_unlocated",
+                        confidence=round(ent.confidence, 4),
+                    )
+                )
+        for name, start, end in slots:
+            surface = " ".join(words[start:end])
+            hub_text.append(_Span(start, end, -1, name, name, surface, None, "hub", "hub_text", 0.5))
         raw_amb = hub.get("ambiguities")
         for amb in raw_amb if isinstance(raw_amb, (list, tuple)) else ():
             cands = amb.get("candidates") if isinstance(amb, Mapping) else None
             label = amb.get("text") if isinstance(amb, Mapping) else None
             if isinstance(label, str) and isinstance(cands, (list, tuple)):
-                ambiguities.append(Ambiguity(label, tuple(str(c) for c in cands)))
+                kept = tuple(_candidate(c) for c in cands if c is not None)
+                ambiguities.append(Ambiguity(label, kept))
         raw_unres = hub.get("unresolved_entity_spans")
         for item in raw_unres if isinstance(raw_unres, (list, tuple)) else ():
             value = item.get("text") if isinstance(item, Mapping) else item
@@ -273,7 +363,9 @@ class Canonicalizer:
                 unresolved.append(value)
         return spans
 
-    def _hub_item(self, item: Any, text: str, words: Sequence[str], taken: Sequence[bool]) -> _Span | None:
+    @staticmethod
+    def _hub_item(item: Any, text: str) -> _HubEntity | None:
+        """One ``resolved_entities`` item, checked; its surface text when it gives one."""
         if not isinstance(item, Mapping):
             return None
         ref = item.get("canonical_ref")
@@ -290,17 +382,15 @@ class Canonicalizer:
         surface = item.get("text")
         if not isinstance(surface, str) or not surface.strip():
             end = item.get("end")
-            if start is None or not isinstance(end, int) or not 0 <= start < end <= len(text):
-                return None
-            surface = text[start:end]
-        where = _locate(tokenize(surface), words, taken, start)
-        if where is None:
-            return None
+            if start is not None and isinstance(end, int) and 0 <= start < end <= len(text):
+                surface = text[start:end]
+            else:
+                surface = None
         conf = item.get("confidence")
         confidence = 1.0
         if isinstance(conf, (int, float)) and not isinstance(conf, bool) and math.isfinite(conf):
             confidence = min(1.0, max(0.0, float(conf)))
-        return _Span(where[0], where[1], -1, placeholder, kind, ref, ref, "hub", "hub", confidence)
+        return _HubEntity(placeholder, kind, ref, confidence, surface, start)
 
     @staticmethod
     def _assemble(
@@ -352,6 +442,108 @@ class Canonicalizer:
             ambiguities=tuple(ambiguities),
             unresolved=tuple(unresolved),
         )
+
+
+class _HubEntity(NamedTuple):
+    """A usable item of the hub's ``resolved_entities``."""
+
+    placeholder: str
+    kind: str
+    ref: str
+    confidence: float
+    surface: str | None  # the text the hub matched (from ``text`` or its offsets), if it gave one
+    start: int | None  # the hub's character offset, a hint for repeated words
+
+    def span(self, where: tuple[int, int], match_type: str) -> _Span:
+        return _Span(
+            where[0],
+            where[1],
+            -1,
+            self.placeholder,
+            self.kind,
+            self.ref,
+            self.ref,
+            "hub",
+            match_type,
+            self.confidence,
+        )
+
+
+# The hub's canonicalized text: "{device}"-style placeholders among normalized words.
+_HUB_PLACEHOLDER = re.compile(r"\{([A-Za-z_]+)\}")
+_HUB_TEXT_MAX_WORDS = 128  # longer texts, or more placeholders, are not aligned (bounded work)
+_HUB_TEXT_MAX_SLOTS = 8
+
+
+def _hub_canonical_text(hub: Mapping[str, Any]) -> str | None:
+    """The hub's canonicalized text: ``canonicalized_text``, else ``normalized_text``.
+
+    The first of the two that carries any ``{placeholder}`` is the one; it counts only when every
+    placeholder in it is one the service knows (an unknown one, ``{person}``, voids it).
+    """
+    for key in ("canonicalized_text", "normalized_text"):
+        raw = hub.get(key)
+        if isinstance(raw, str) and _HUB_PLACEHOLDER.search(raw):
+            names = [n.lower() for n in _HUB_PLACEHOLDER.findall(raw)]
+            known = all(n in REGISTRY_PLACEHOLDERS or n in VALUE_PLACEHOLDERS for n in names)
+            return raw if known else None
+    return None
+
+
+def _hub_text_slots(hub: Mapping[str, Any], words: Sequence[str]) -> list[tuple[str, int, int]]:
+    """(placeholder, start, end) token spans of the hub's placeholders, aligned with ``words``.
+
+    Literal words must match the service's normalization exactly and each placeholder covers one
+    word or more (the shortest reading, left to right); a text that does not align gives nothing.
+    """
+    raw = _hub_canonical_text(hub)
+    if raw is None or len(words) > _HUB_TEXT_MAX_WORDS:
+        return []
+    pattern: list[str | tuple[str]] = []
+    pos = 0
+    for m in _HUB_PLACEHOLDER.finditer(raw):
+        pattern += tokenize(raw[pos : m.start()])
+        pattern.append((m.group(1).lower(),))
+        pos = m.end()
+    pattern += tokenize(raw[pos:])
+    if sum(isinstance(p, tuple) for p in pattern) > _HUB_TEXT_MAX_SLOTS:
+        return []
+    failed: set[tuple[int, int]] = set()
+
+    def align(i: int, j: int) -> list[tuple[str, int, int]] | None:
+        if i == len(pattern):
+            return [] if j == len(words) else None
+        if (i, j) in failed:
+            return None
+        p = pattern[i]
+        if isinstance(p, str):
+            found = align(i + 1, j + 1) if j < len(words) and words[j] == p else None
+        else:
+            found = None
+            for end in range(j + 1, len(words) + 1):
+                rest = align(i + 1, end)
+                if rest is not None:
+                    found = [(p[0], j, end), *rest]
+                    break
+        if found is None:
+            failed.add((i, j))
+        return found
+
+    return align(0, 0) or []
+
+
+def _alias_span(hits: Sequence[Hit], ref: str, taken: Sequence[bool]) -> tuple[int, int] | None:
+    """The longest (then first) free registry-alias match whose targets include ``ref``."""
+    own = [h for h in hits if any(t.ref == ref for t in h.targets) and not any(taken[h.start : h.end])]
+    if not own:
+        return None
+    best = min(own, key=lambda h: (h.start - h.end, h.start))
+    return best.start, best.end
+
+
+def _candidate(value: Any) -> Any:
+    """A hub ambiguity candidate as sent: a string, a number or an object (a plain dict)."""
+    return dict(value) if isinstance(value, Mapping) else value
 
 
 def _locate(

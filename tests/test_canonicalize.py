@@ -437,8 +437,14 @@ def test_malformed_item_does_not_drop_good_ones(canon: Canonicalizer) -> None:
         "confidence": True,
     }
     result = canon.canonicalize("включи телевизор", hub_entities=hub(*BAD_ITEMS, good))
-    assert summary(result) == [("device", "device:media:tv9", "hub")]
+    # The items with a good ref but no usable span (no text, bad offsets, a text not in the input)
+    # stay one slot without a span; the rest are dropped.
+    assert summary(result) == [
+        ("device", "device:media:tv9", "hub"),
+        ("device", "device:light:x", "hub_unlocated"),
+    ]
     assert result.entities[0].confidence == 1.0
+    assert (result.entities[1].start, result.entities[1].end, result.entities[1].text) == (-1, -1, "")
 
 
 ODD = [
