@@ -70,6 +70,7 @@ class NumberWords(_Strict, frozen=True):
     not_alone: list[str] = _l()
     # "на максимум", "max", "lowest": a {number} whose value is "max" / "min" (the slot maps it).
     extremes: dict[Literal["max", "min"], list[str]] = _d()
+    level_words: dict[str, float] = _d()
 
 
 class TimeWords(_Strict, frozen=True):
@@ -124,10 +125,9 @@ class TemperatureWords(_Strict, frozen=True):
 
 
 class ColorWords(_Strict, frozen=True):
-    """{color}: canonical English colour names with their words; ``weak`` ones need a light word near."""
+    """{color}: canonical English colour names with their words; all need a light word (``cues``) near."""
 
     names: dict[str, list[str]] = _d()
-    weak: list[str] = _l()
     cues: list[str] = _l()
 
 
@@ -171,6 +171,21 @@ def tokenize(text: str) -> list[str]:
     """Normalized tokens: lower case, ё→е, punctuation dropped except ``:.,`` between digits."""
     s = unicodedata.normalize("NFC", text).lower().replace("ё", "е")
     return _TOKEN.findall(_LOOSE_SEP.sub(" ", _APOSTROPHES.sub("", s)))
+
+
+def token_offsets(text: str) -> list[tuple[str, int, int]]:
+    """:func:`tokenize`'s tokens with their [start, end) offsets into ``text`` (NFC-normalized)."""
+    src = unicodedata.normalize("NFC", text)
+    chars: list[str] = []
+    where: list[int] = []
+    for i, ch in enumerate(src):
+        if _APOSTROPHES.match(ch):
+            continue
+        for c in ch.lower().replace("ё", "е"):
+            chars.append(c)
+            where.append(i)
+    s = _LOOSE_SEP.sub(" ", "".join(chars))
+    return [(m.group(), where[m.start()], where[m.end() - 1] + 1) for m in _TOKEN.finditer(s)]
 
 
 def digits_value(token: str) -> str | None:
@@ -295,6 +310,7 @@ class ValueParser:
         self._bare_after, self._dur_and = _words(u.bare_after), _words(u.connectors)
         self._and_half = _phrases(dict.fromkeys(u.and_a_half, 0.5))
         self._extremes = {w: k for k, words in n.extremes.items() for w in _words(words)}
+        self._level_words = _table(n.level_words)
         tw, cw = rules.temperature, rules.colors
         self._degrees, self._temp_ctx = _words(tw.degree_words), _words(tw.context)
         self._temp_preps, self._fahrenheit, self._celsius = (
@@ -303,7 +319,7 @@ class ValueParser:
             _words(tw.celsius),
         )
         self._colors = _phrases({w: name for name, words in cw.names.items() for w in words})
-        self._weak_colors, self._color_cues = _words(cw.weak), _words(cw.cues)
+        self._color_cues = _words(cw.cues)
         self._triggers = frozenset().union(
             self._numwords,
             self._fractions,
@@ -361,15 +377,14 @@ class ValueParser:
         return ValueSpan(i, j, "temperature", num.text, 1.0 if degree else 0.9, kind)
 
     def _color_at(self, c: _Ctx, i: int, cue: bool) -> ValueSpan | None:
-        """A colour word ("red", «тёплый белый»); warm / cool / white only with a light word near."""
+        """A colour word ("red", «тёплый белый»), only when a light or colour word is in the utterance."""
         hit = phrase_at(self._colors, c.words, i)
         lemma = c.lems[i][1] if len(c.lems[i]) > 1 else c.lems[i][0]
         if hit is None and (name := self._color_lemma(lemma)) is not None:
             hit = (name, i + 1)
         if hit is None:
             return None
-        surface = " ".join(c.words[i : hit[1]])
-        if (surface in self._weak_colors or _has(self._weak_colors, c.lems[i])) and not cue:
+        if not cue:  # "blues", "red wine", «белый хлеб»: a colour only next to a light word
             return None
         return ValueSpan(i, hit[1], "color", hit[0])
 
@@ -393,6 +408,10 @@ class ValueParser:
             num = self._number_at(ctx, i, stop) if stop > i else None
             if num is None and stop > i and (ext := self.extreme(lems[i])):
                 out.append(ValueSpan(i, i + 1, "number", ext, 0.95))
+                i += 1
+                continue
+            if num is None and stop > i and (share := _lex(self._level_words, lems[i])) is not None:
+                out.append(ValueSpan(i, i + 1, "number", _fmt(share), 0.9))  # "наполовину" → 50
                 i += 1
                 continue
             if num is None or (num.end == i + 1 and words[i] in self._not_alone):
