@@ -13,6 +13,8 @@ import socket
 import time
 from typing import Any
 
+import msgspec
+
 from . import events as ev
 from .bus import Bus, BusEvent
 from .bus_nats import JetStreamFeed
@@ -36,6 +38,38 @@ def make_sink(config: BridgeConfig) -> TeacherSink | None:
     if config.teacher_url:
         return HttpTeacherSink(config.teacher_url, config.teacher_token)
     return None
+
+
+def split_reply(req: IntentRequest, reply: ServiceReply) -> list[tuple[IntentRequest, ServiceReply]]:
+    """One (request, answer) per segment of a multi-request answer; empty when there was no split."""
+    segments = reply.raw.get("segments")
+    if not isinstance(segments, list) or len(segments) < 2:
+        return []
+    out = []
+    for i, seg in enumerate(segments):
+        if not isinstance(seg, dict) or not isinstance(seg.get("text"), str):
+            return []  # a malformed list: handle the utterance as one request
+        index = seg.get("index", i)
+        raw = {**seg, "model_id": reply.model_id, "locale": reply.locale, "request_id": req.request_id}
+        raw["segments_total"] = len(segments)
+        fields = {k: seg[k] for k in ("top_intent", "confidence", "alternatives", "slots", "via") if k in seg}
+        try:
+            part = msgspec.convert(
+                {**fields, "decision": seg.get("decision"), "reason": seg.get("reason")},
+                ServiceReply,
+                strict=False,
+            )
+        except msgspec.ValidationError:
+            return []
+        part = msgspec.structs.replace(
+            part, model_id=reply.model_id, locale=reply.locale, request_id=req.request_id, raw=raw
+        )
+        payload = {**req.payload, "text": seg["text"]}
+        part_req = msgspec.structs.replace(
+            req, text=seg["text"], payload=payload, segment_index=int(index), segments_total=len(segments)
+        )
+        out.append((part_req, part))
+    return out
 
 
 class Bridge:
@@ -152,7 +186,13 @@ class Bridge:
         return True if claim is None else bool(await claim(request_id))
 
     async def handle(self, req: IntentRequest) -> Verdict:
-        """One request, in order: ask, gate, queue a teachable miss, emit, count."""
+        """One request, in order: ask, gate, queue a teachable miss, emit, count.
+
+        An utterance the service split into several requests is handled as that many requests, in
+        order: each segment is gated on its own, an accepted one emits its ``nlp.intent.detected``
+        (shared ``request_id``, its ``segment_index``), one that is not goes down the fallback path
+        alone. The first segment's verdict is returned.
+        """
         started = time.perf_counter()
         opens = self.client.breaker.opens
         reply: ServiceReply | None = None
@@ -166,6 +206,25 @@ class Bridge:
             verdict = judge_failure(exc)
         if self.client.breaker.opens > opens:
             self.stats.bump_bridge("breaker_opens", self.client.breaker.opens - opens)
+        parts = split_reply(req, reply) if reply is not None else []
+        if parts:
+            self.stats.bump_bridge("segmented_requests")
+            verdicts = [judge(part_reply, self.thresholds) for _, part_reply in parts]
+            for (part_req, part_reply), part_verdict in zip(parts, verdicts, strict=True):
+                await self._finish(part_req, part_reply, part_verdict, started, service_ms)
+            return verdicts[0]
+        await self._finish(req, reply, verdict, started, service_ms)
+        return verdict
+
+    async def _finish(
+        self,
+        req: IntentRequest,
+        reply: ServiceReply | None,
+        verdict: Verdict,
+        started: float,
+        service_ms: float | None,
+    ) -> None:
+        """Queue a teachable miss (before any event for it), emit, count."""
         if verdict.teachable and reply is not None:
             await self._queue_miss(req, reply, verdict)
         fallback = await self._emit(req, reply, verdict)
@@ -177,7 +236,6 @@ class Bridge:
             service_ms=service_ms,
             fallback_to_rasa=fallback,
         )
-        return verdict
 
     async def _queue_miss(self, req: IntentRequest, reply: ServiceReply, verdict: Verdict) -> None:
         try:

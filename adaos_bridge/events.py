@@ -23,9 +23,25 @@ def _meta(req: IntentRequest) -> dict[str, Any]:
     return meta
 
 
+def _conversation(req: IntentRequest, payload: dict[str, Any]) -> dict[str, Any]:
+    """``session_id`` and, for one request of several, ``segment_index`` (and ``_meta.segments_total``)."""
+    if req.session_id:
+        payload["session_id"] = req.session_id
+    if req.segment_index is not None:
+        payload["segment_index"] = req.segment_index
+        meta = payload.setdefault("_meta", {})
+        meta["segment_index"] = req.segment_index
+        meta["segments_total"] = req.segments_total
+    return payload
+
+
 def detected(req: IntentRequest, reply: ServiceReply, verdict: Verdict) -> dict[str, Any]:
-    """``nlp.intent.detected``; ``_raw`` is the whole service result (alternatives, model_id, evidence)."""
-    return {
+    """``nlp.intent.detected``; ``_raw`` is the whole service result (alternatives, model_id, evidence).
+
+    For one request of a multi-request utterance: one event per accepted segment, the shared
+    ``request_id``, its ``segment_index``, and ``_raw`` the segment's result.
+    """
+    payload = {
         "intent": reply.top_intent,
         "confidence": float(reply.confidence),
         "slots": dict(reply.slots),
@@ -36,6 +52,7 @@ def detected(req: IntentRequest, reply: ServiceReply, verdict: Verdict) -> dict[
         "_raw": dict(reply.raw),
         "_meta": _meta(req),
     }
+    return _conversation(req, payload)
 
 
 def rasa_fallback(req: IntentRequest, verdict: Verdict) -> dict[str, Any]:
@@ -53,7 +70,9 @@ def rasa_fallback(req: IntentRequest, verdict: Verdict) -> dict[str, Any]:
         payload.setdefault("request_locale", req.locale)
     if req.preferred_locales:
         payload["preferred_locales"] = list(req.preferred_locales)
-    return payload
+    if verdict.clarify:
+        meta["neural_clarify"] = verdict.clarify
+    return _conversation(req, payload)
 
 
 def not_obtained(req: IntentRequest, verdict: Verdict) -> dict[str, Any]:
@@ -61,7 +80,9 @@ def not_obtained(req: IntentRequest, verdict: Verdict) -> dict[str, Any]:
     meta = _meta(req)
     if verdict.error:
         meta["neural_error"] = verdict.error
-    return {
+    if verdict.clarify:
+        meta["neural_clarify"] = verdict.clarify
+    payload = {
         "reason": verdict.reason,
         "text": req.text,
         "via": "neural",
@@ -69,6 +90,7 @@ def not_obtained(req: IntentRequest, verdict: Verdict) -> dict[str, Any]:
         "request_id": req.request_id,
         "_meta": meta,
     }
+    return _conversation(req, payload)
 
 
 def trace(
@@ -104,4 +126,6 @@ def trace(
     meta = _meta(req)
     if meta:
         payload["_meta"] = meta
+    if req.segment_index is not None:
+        payload["segment_index"] = req.segment_index
     return payload

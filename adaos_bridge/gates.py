@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 import msgspec
 
@@ -36,6 +37,7 @@ class Verdict(msgspec.Struct, frozen=True):
     confidence: float | None = None  # the wire confidence (0 for an abstention)
     teachable: bool = False  # a miss of the language, not of the infrastructure
     error: str | None = None  # why the call failed (timeout, connection, circuit_open, ...)
+    clarify: dict[str, Any] | None = None  # the service's clarifying question for an abstention
 
     @property
     def accepted(self) -> bool:
@@ -90,6 +92,7 @@ def judge(reply: ServiceReply, th: Thresholds) -> Verdict:
         trace = "reject"
     else:
         trace = "ambiguous" if ambiguous else "miss"
+    clarify = reply.raw.get("clarify")
     return Verdict(
         status,
         _REASONS[status],
@@ -97,4 +100,5 @@ def judge(reply: ServiceReply, th: Thresholds) -> Verdict:
         intent=intent or None,
         confidence=conf,
         teachable=status is not Status.ACCEPTED,
+        clarify=clarify if isinstance(clarify, dict) and status is not Status.ACCEPTED else None,
     )

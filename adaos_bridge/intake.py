@@ -27,6 +27,9 @@ class IntentRequest(msgspec.Struct, frozen=True):
     request_id_synthesized: bool = False
     event_type: str = ""
     payload: dict[str, Any] = msgspec.field(default_factory=dict)  # as received, for the stage events
+    session_id: str | None = None  # the conversation's scope, passed through to the service and events
+    segment_index: int | None = None  # one request of a multi-request utterance (set by the bridge)
+    segments_total: int | None = None
 
 
 def _str(value: Any) -> str | None:
@@ -60,7 +63,8 @@ def parse_request(payload: Mapping[str, Any], event_type: str = "") -> IntentReq
     Text: ``text`` or ``utterance``. Webspace: ``webspace_id``, ``workspace_id``, ``_meta.webspace_id``
     (then ``_meta.workspace_id``), default "desktop". Locale: ``locale``, ``request_locale``,
     ``_meta.locale`` (then ``_meta.request_locale``). ``preferred_locales`` from the payload or
-    ``_meta``, as a list or a comma string. A missing ``request_id`` is synthesised.
+    ``_meta``, as a list or a comma string. A missing ``request_id`` is synthesised. ``session_id``
+    (or ``_meta.session_id``) is passed through.
     """
     meta_raw = payload.get("_meta")
     meta: dict[str, Any] = dict(meta_raw) if isinstance(meta_raw, Mapping) else {}
@@ -82,6 +86,7 @@ def parse_request(payload: Mapping[str, Any], event_type: str = "") -> IntentReq
     if entities is None and isinstance(payload.get("entity_resolution"), Mapping):
         entities = payload["entity_resolution"]
     canon = _str(payload.get("canonicalized_text"))
+    session = _first(payload.get("session_id"), meta.get("session_id"))
     return IntentRequest(
         text=text,
         webspace_id=webspace or DEFAULT_WEBSPACE,
@@ -94,12 +99,15 @@ def parse_request(payload: Mapping[str, Any], event_type: str = "") -> IntentReq
         request_id_synthesized=rid is None,
         event_type=event_type,
         payload=dict(payload),
+        session_id=session,
     )
 
 
 def parse_body(req: IntentRequest) -> dict[str, Any]:
     """The ``POST /parse`` body for a request (contracts §2)."""
     body: dict[str, Any] = {"text": req.text, "webspace_id": req.webspace_id, "request_id": req.request_id}
+    if req.session_id:
+        body["session_id"] = req.session_id
     if req.locale:
         body["locale"] = req.locale
     if req.preferred_locales:

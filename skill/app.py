@@ -14,7 +14,9 @@ import msgspec
 from aiohttp import web
 
 from .audit import DecisionLog
-from .contracts import BadRequest, ParseRequest, ReindexRequest, pick_locale, wire_result
+from .contracts import BadRequest, ParseRequest, ReindexRequest, pick_locale
+from .conversation import Conversation, SessionStore, audit_info, scope_of, to_wire
+from .conversation import Request as ConversationRequest
 from .openapi import openapi_document
 from .security import authorize
 from .service import ServiceState
@@ -30,6 +32,7 @@ STOP: web.AppKey[asyncio.Event] = web.AppKey("stop", asyncio.Event)
 TASKS: web.AppKey[list[asyncio.Task[None]]] = web.AppKey("tasks", list)
 TELEMETRY: web.AppKey[Telemetry] = web.AppKey("telemetry", Telemetry)
 DECISIONS: web.AppKey[DecisionLog] = web.AppKey("decisions", DecisionLog)
+CONVERSATION: web.AppKey[Conversation] = web.AppKey("conversation", Conversation)
 _encoder = msgspec.json.Encoder()
 
 
@@ -140,12 +143,20 @@ async def handle_parse(request: web.Request) -> web.Response:
     hub = req.entities
     if req.canonicalized_text:  # the hub's canonicalized text goes with its entities (skill/canonicalize.py)
         hub = {**(req.entities or {}), "canonicalized_text": req.canonicalized_text}
-    result = await loop.run_in_executor(request.app[EXECUTOR], pipeline.parse, text, locale, hub)
     request_id = req.request_id or uuid.uuid4().hex
-    wire = msgspec.to_builtins(wire_result(result, pipeline.gate_config.accept, request_id))
+    # The conversation layer wraps the pipeline: segments, session follow-ups, clarification.
+    turn = ConversationRequest(text, request_id, locale, hub, scope_of(req.session_id, req.webspace_id))
+    answer = await loop.run_in_executor(
+        request.app[EXECUTOR], request.app[CONVERSATION].answer, pipeline, turn
+    )
+    wire = to_wire(answer, pipeline.gate_config.accept, request_id)
     elapsed = time.perf_counter() - started
+    result = answer.turns[0].result
     request.app[TELEMETRY].observe(pipeline, result, elapsed)
-    request.app[DECISIONS].add(result, wire, request_id, elapsed)  # queued; written off the event loop
+    for i, part in enumerate(answer.turns):  # one audit record per request; queued, written off the loop
+        seg = wire["segments"][i] if answer.split else wire
+        info = audit_info(answer, i, req.session_id)
+        request.app[DECISIONS].add(part.result, seg, request_id, elapsed, info)
     _LOGGER.debug(
         "parse %s model=%s via=%s intent=%s conf=%.3f decision=%s",
         request_id,
@@ -162,6 +173,7 @@ async def handle_health(request: web.Request) -> web.Response:
     """``GET /health``: 200 once serving, 503 while loading."""
     state = request.app[STATE]
     body = state.health()
+    body["conversation"] = request.app[CONVERSATION].store.stats()
     return json_response(body, 200 if body["ok"] else 503)
 
 
@@ -215,6 +227,23 @@ async def _start_loading(app: web.Application) -> None:
         app[TASKS].append(asyncio.create_task(watch_pointer(state, app[EXECUTOR], app[STOP])))
 
 
+async def _start_sweeper(app: web.Application) -> None:
+    """Drop session text past its TTL even when no request comes to trigger it."""
+    store = app[CONVERSATION].store
+    if store.ttl_s <= 0:
+        return
+
+    async def _sweep() -> None:
+        interval = min(5.0, max(0.2, store.ttl_s / 4))
+        while not app[STOP].is_set():
+            try:
+                await asyncio.wait_for(app[STOP].wait(), interval)
+            except TimeoutError:
+                store.sweep()
+
+    app[TASKS].append(asyncio.create_task(_sweep()))
+
+
 async def _shutdown(app: web.Application) -> None:
     app[STOP].set()
     for task in app[TASKS]:
@@ -234,6 +263,11 @@ def create_app(state: ServiceState) -> web.Application:
     app[TASKS] = []
     app[DECISIONS] = DecisionLog(state.config)
     app[TELEMETRY] = Telemetry(state, app[DECISIONS])
+    cfg = state.config
+    app[CONVERSATION] = Conversation(
+        SessionStore(cfg.session_ttl_s, max_sessions=cfg.session_max, frames=cfg.session_frames),
+        max_cuts=cfg.segment_max_cuts,
+    )
     app.router.add_post("/parse", handle_parse)
     app.router.add_get("/health", handle_health)
     app.router.add_post("/reindex", handle_reindex)
@@ -242,5 +276,6 @@ def create_app(state: ServiceState) -> web.Application:
     StatusPage(state, app[TELEMETRY], app[DECISIONS]).register(app.router)
     app.cleanup_ctx.append(app[DECISIONS].lifespan)
     app.on_startup.append(_start_loading)
+    app.on_startup.append(_start_sweeper)
     app.on_cleanup.append(_shutdown)
     return app

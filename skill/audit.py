@@ -21,6 +21,7 @@ from aiohttp import web
 from .canonicalize import Canonical
 from .config import Config
 from .pipeline import ParseResult
+from .values import tokenize
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class Entry(NamedTuple):
     answered_intent: str  # what the hub saw on the wire ("" = abstain)
     answered_confidence: float
     total_ms: float
+    # The conversation layer: session_id, scope, segment {index, of, start, end}, context, the words said.
+    conversation: dict[str, Any] | None = None
 
 
 def canonicalization_result(canonical: Canonical) -> str:
@@ -107,10 +110,19 @@ def to_record(entry: Entry, privacy: Privacy) -> dict[str, Any]:
         "model_id": res.model_id,
         "locale": c.locale,
     }
+    conv = entry.conversation or {}
+    said = conv.get("text")  # a follow-up's own words; the result's canonical is the completed request
     if privacy == "text":
-        record["text"] = c.text
+        record["text"] = said if said is not None else c.text
     elif privacy == "hash":
-        record["text_sha256"] = text_hash(c)
+        record["text_sha256"] = (
+            hashlib.sha256(" ".join(tokenize(said)).encode("utf-8")).hexdigest()[:16]
+            if said is not None
+            else text_hash(c)
+        )
+    for key in ("session_id", "scope", "segment", "context"):
+        if conv.get(key) is not None:
+            record[key] = conv[key]
     candidates = [(d.intent, d.confidence)] if d.intent else []
     candidates += [(a.intent, a.confidence) for a in d.alternatives]
     evidence = {k: v for k, v in d.evidence.items() if k not in _CANONICAL_KEYS}
@@ -330,10 +342,23 @@ class DecisionLog:
         """The current audit file, or None when the audit log is off."""
         return self.writer.path if self.writer is not None else None
 
-    def add(self, result: ParseResult, wire: dict[str, Any], request_id: str, seconds: float) -> None:
+    def add(
+        self,
+        result: ParseResult,
+        wire: dict[str, Any],
+        request_id: str,
+        seconds: float,
+        conversation: dict[str, Any] | None = None,
+    ) -> None:
         """Record one decision: O(1) on the caller's thread, the file write happens on the writer's."""
         entry = Entry(
-            time.time(), request_id, result, wire["top_intent"], wire["confidence"], seconds * 1000.0
+            time.time(),
+            request_id,
+            result,
+            wire["top_intent"],
+            wire["confidence"],
+            seconds * 1000.0,
+            conversation,
         )
         self.recent.append(entry)
         if self.writer is not None:

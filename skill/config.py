@@ -56,6 +56,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     malloc_arena_max: int = 2  # glibc malloc arenas, set at start (0 = glibc's default, 8 per core)
     memory_trim: bool = True  # give freed heap back to the OS after each model swap (glibc)
     catalog_examples: bool = True  # add catalog examples the model's kNN index lacks (no retraining)
+    session_ttl_s: float = 90.0  # how long a conversation's frames (and their text) are kept; 0 = no context
+    session_max: int = 10_000  # conversation scopes kept at most (least recently used dropped first)
+    session_frames: int = 4  # accepted frames kept per scope
+    segment_max_cuts: int = 4  # split points tried per utterance (2^n splits, memoized parts)
 
     def model_roots(self) -> list[Path]:
         """Where model versions are looked up, in order: the node's root, then the embedded one."""
@@ -84,6 +88,7 @@ _ENV: dict[str, str] = {
     "NLU_MALLOC_ARENA_MAX": "malloc_arena_max",
     "NLU_MEMORY_TRIM": "memory_trim",
     "NLU_CATALOG_EXAMPLES": "catalog_examples",
+    "NLU_SESSION_TTL_S": "session_ttl_s",
 }
 
 
@@ -143,6 +148,10 @@ def load_config(
             raise ConfigError(f"{name} must be within [0, 1], got {val}")
     if cfg.audit_max_bytes < 1024 or cfg.audit_backups < 1 or cfg.audit_queue < 1:
         raise ConfigError("audit_max_bytes must be >= 1024, audit_backups and audit_queue >= 1")
+    if cfg.session_ttl_s < 0 or cfg.session_max < 1 or cfg.session_frames < 1 or cfg.segment_max_cuts < 0:
+        raise ConfigError(
+            "session_ttl_s must be >= 0, session_max and session_frames >= 1, segment_max_cuts >= 0"
+        )
     if not 0 < cfg.port < 65536:
         raise ConfigError(f"port out of range: {cfg.port}")
     return cfg

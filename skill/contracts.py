@@ -24,6 +24,7 @@ class ParseRequest(msgspec.Struct, frozen=True):
     canonicalized_text: str | None = None
     entities: dict[str, Any] | None = None
     request_id: str | None = None
+    session_id: str | None = None  # the conversation's scope for follow-ups (default: webspace_id)
 
 
 class ReindexRequest(msgspec.Struct, frozen=True):
@@ -37,6 +38,56 @@ class Alternative(msgspec.Struct, frozen=True):
 
     intent: str
     confidence: float
+
+
+class SegmentContext(msgspec.Struct, frozen=True):
+    """``context``: what a request does to the session's frames (start / update / cancel / noop)."""
+
+    action: str
+    refers_to: str | None = None  # the request_id of the frame it updates or cancels
+    resolution: str | msgspec.UnsetType = msgspec.UNSET  # slot_update, cancel, clarify_answer, carry_over
+
+
+class ClarifyCandidate(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One option of a clarifying question: an intent, or a registry entity."""
+
+    intent: str | None = None
+    ref: str | None = None
+    confidence: float | None = None
+    domain: str | None = None
+    label: str | None = None
+
+
+class Clarify(msgspec.Struct, frozen=True):
+    """``clarify``: what the hub needs to ask instead of guessing; the decision stays abstain."""
+
+    question_kind: str  # which_intent | which_entity
+    candidates: list[ClarifyCandidate]
+    domain: str | None = None
+    intent: str | msgspec.UnsetType = msgspec.UNSET  # which_entity: the intent whose slot is ambiguous
+    text: str | msgspec.UnsetType = msgspec.UNSET  # which_entity: the ambiguous words
+    entities: list[dict[str, Any]] | msgspec.UnsetType = msgspec.UNSET  # ambiguous registry names
+    segment_index: int | msgspec.UnsetType = msgspec.UNSET
+
+
+class Segment(msgspec.Struct, frozen=True):
+    """One request of a multi-request utterance (``segments``, in order)."""
+
+    index: int
+    text: str
+    start: int
+    end: int
+    top_intent: str
+    confidence: float
+    slots: dict[str, Any]
+    via: str
+    decision: str
+    reason: str | None
+    alternatives: list[Alternative]
+    missing_slots: list[str] = msgspec.field(default_factory=list)
+    context: SegmentContext | msgspec.UnsetType = msgspec.UNSET
+    clarify: Clarify | msgspec.UnsetType = msgspec.UNSET
+    carried_over: bool | msgspec.UnsetType = msgspec.UNSET  # completed from the previous segment
 
 
 class ParseResponseResult(msgspec.Struct, frozen=True):
@@ -56,6 +107,10 @@ class ParseResponseResult(msgspec.Struct, frozen=True):
     request_id: str | None = None
     missing_slots: list[str] = msgspec.field(default_factory=list)  # required slots nothing filled
     invalid_slots: list[str] = msgspec.field(default_factory=list)  # values out of the slot's range
+    # The conversation layer (skill/conversation): absent when they do not apply.
+    segments: list[Segment] | msgspec.UnsetType = msgspec.UNSET  # only when a split was taken
+    context: SegmentContext | msgspec.UnsetType = msgspec.UNSET
+    clarify: Clarify | msgspec.UnsetType = msgspec.UNSET
 
 
 class BadRequest(ValueError):
