@@ -41,6 +41,12 @@ def openapi_document() -> dict[str, Any]:
             "/parse": {
                 "post": {
                     "summary": "Detect the intent of one utterance",
+                    "description": (
+                        "The result fields (ParseResponseResult) at the top level and under `result`. "
+                        "With `session_id` (else `webspace_id`) as the scope, follow-ups lean on the "
+                        "session's last accepted frames; the answer adds `context`, `segments` when the "
+                        "utterance held several requests, and `clarify` for a close abstention."
+                    ),
                     "requestBody": {"required": True, **_json("ParseRequest")},
                     "responses": {
                         "200": {
