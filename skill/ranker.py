@@ -171,7 +171,11 @@ class Ranker:
         pos = [r for r in rows if not r.negative]
         neg = [r for r in rows if r.negative]
         index = _read_index(model_dir / "faiss.index", dim)
-        negatives = _read_index(model_dir / "faiss_negatives.index", dim) if neg else None
+        # AdaOS's name; folders written before issue 15 call it faiss_negatives.index.
+        neg_path = model_dir / "negative_faiss.index"
+        if not neg_path.is_file() and (model_dir / "faiss_negatives.index").is_file():
+            neg_path = model_dir / "faiss_negatives.index"
+        negatives = _read_index(neg_path, dim) if neg else None
         if index.ntotal != len(pos) or (negatives is not None and negatives.ntotal != len(neg)):
             raise ModelError(f"{model_dir}: index sizes do not match examples_manifest.jsonl")
         unknown = {r.intent for r in pos} - set(config.intents)

@@ -130,7 +130,7 @@ def test_unlisted_or_missing_files_are_refused(tiny: tuple[Path, Canonicalizer],
     with pytest.raises(ModelError, match="not listed"):
         Ranker.load(model)
     (model / "extra.json").unlink()
-    (model / "faiss_negatives.index").unlink()
+    (model / "negative_faiss.index").unlink()
     with pytest.raises(ModelError, match="missing"):
         Ranker.load(model)
     with pytest.raises(ModelError, match="no manifest"):

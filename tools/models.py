@@ -70,12 +70,17 @@ def cmd_show(root: Path, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(root: Path, args: argparse.Namespace) -> int:
+    from tools._adaos_artifacts import readiness_gaps  # noqa: PLC0415 - loads faiss only here
+
     ids = [args.model_id] if args.model_id else list_versions(root)
     bad = 0
     for model_id in ids:
         try:
             verify_model_dir(root / model_id)
-            print(f"ok       {model_id}")
+            # Folders from before AdaOS's files (faiss_negatives.index, no model.pt) still verify
+            # and serve; the note says what AdaOS's readiness check would miss in them.
+            gaps = readiness_gaps(root / model_id)
+            print(f"ok       {model_id}" + (f"  (AdaOS readiness: {'; '.join(gaps)})" if gaps else ""))
         except ModelError as exc:
             bad += 1
             print(f"DAMAGED  {model_id}: {exc}")

@@ -27,6 +27,7 @@ from skill.ranker import ExampleRow, IntentInfo, RankerConfig
 from skill.registry import write_pointer
 from skill.scoring import calibrate, log_priors, score_batch
 
+from ._adaos_artifacts import write_adaos_artifacts
 from ._calib import ValBatch, expected_calibration_error, fit_all
 from ._data import (
     OOS,
@@ -52,7 +53,7 @@ CONTENT_FILES = (
     "model.onnx",
     VOCAB_NAME,
     "faiss.index",
-    "faiss_negatives.index",
+    "negative_faiss.index",
     "ranker_config.json",
     "intents_manifest.json",
     "examples_manifest.jsonl",
@@ -214,7 +215,7 @@ def train_model(
         negatives = _index(emb[neg_idx], dim) if neg_idx else None
         faiss.write_index(index, str(work / "faiss.index"))
         if negatives is not None:
-            faiss.write_index(negatives, str(work / "faiss_negatives.index"))
+            faiss.write_index(negatives, str(work / "negative_faiss.index"))
 
         labels = np.asarray([prep.train_labels[i] for i in pos_idx], dtype=np.int64)
         val_probs, val_emb = run_batched(sess, feat, prep.val_texts)
@@ -280,6 +281,7 @@ def train_model(
         metrics["model_bytes"] = (work / "model.onnx").stat().st_size
         metrics["total_seconds"] = round(time.monotonic() - started, 1)
         _write_json(work / "metrics.json", metrics)
+        write_adaos_artifacts(work, net=net, catalog=catalog, model_id=model_id, gold=gold, pred=sc.top)
         all_rows = list(train_rows) + list(val_rows)
         write_manifest(
             work,
