@@ -16,7 +16,7 @@ import msgspec
 MANIFEST_NAME = "manifest.json"
 # Only inert formats may live in a model folder: no code, and no pickle except a torch state_dict
 # (``.pt``, for AdaOS's tooling and fine-tuning; the service never loads it), whose pickle may only
-# rebuild tensors (``check_state_dict``), as ``torch.load(weights_only=True)`` requires.
+# rebuild tensors (``check_state_dict``): what torch's ``weights_only=True`` loader accepts.
 ALLOWED_SUFFIXES = frozenset(
     {".onnx", ".json", ".jsonl", ".index", ".gguf", ".txt", ".npy", ".png", ".md", ".pt"}
 )

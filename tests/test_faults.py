@@ -687,13 +687,27 @@ def test_no_pickle_anywhere_in_the_service_or_the_bridge() -> None:
         f"{f.relative_to(REPO)}: {u}" for f in files for u in unsafe_uses(f.read_text(encoding="utf-8"))
     ]
     assert offenders == []
+    # One file may name a pickle: skill/artifacts.py finds the pickle inside a torch state_dict
+    # (AdaOS's model.pt) to disassemble it with pickletools, which never unpickles (the AST check
+    # above still covers it). Everything it may say about pickles is inside check_state_dict.
     grep = [
         f"{f.relative_to(REPO)}:{n}: {line.strip()}"
         for f in files
         for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1)
-        if _PICKLE_TEXT.search(line)
+        if _PICKLE_TEXT.search(line) and not (f.name == "artifacts.py" and n in _state_dict_checker_lines())
     ]
     assert grep == []
+
+
+def _state_dict_checker_lines() -> range:
+    source = (REPO / "skill" / "artifacts.py").read_text(encoding="utf-8")
+    (fn,) = [
+        node
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.FunctionDef) and node.name == "check_state_dict"
+    ]
+    assert "pickletools.genops" in ast.get_source_segment(source, fn)
+    return range(fn.lineno, (fn.end_lineno or fn.lineno) + 1)
 
 
 def test_the_guard_catches_pickle() -> None:
@@ -705,7 +719,11 @@ def test_the_guard_catches_pickle() -> None:
 def test_secure_defaults() -> None:
     cfg = load_config(env={}, overrides={})
     assert cfg.host == "127.0.0.1" and cfg.api_token is None
-    assert not ALLOWED_SUFFIXES & {".pkl", ".pickle", ".pt", ".pth", ".bin", ".joblib", ".npz", ".py", ".so"}
+    # The one pickle-based format a model folder may hold is a torch state_dict (AdaOS's model.pt),
+    # and only one whose pickle rebuilds tensors and nothing else: tests/test_adaos_dropin.py plants
+    # one that names another object and sees write_manifest and verify_model_dir refuse it.
+    risky = {".pkl", ".pickle", ".pt", ".pth", ".bin", ".joblib", ".npz", ".py", ".so"}
+    assert ALLOWED_SUFFIXES & risky == {".pt"}
 
 
 def test_lock_file_pins_every_declared_dependency() -> None:
