@@ -120,7 +120,7 @@ def to_record(entry: Entry, privacy: Privacy) -> dict[str, Any]:
             if said is not None
             else text_hash(c)
         )
-    for key in ("session_id", "scope", "segment", "context"):
+    for key in ("session_id", "scope", "segment", "context", "clarify"):
         if conv.get(key) is not None:
             record[key] = conv[key]
     candidates = [(d.intent, d.confidence)] if d.intent else []

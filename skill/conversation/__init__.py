@@ -416,6 +416,8 @@ def audit_info(answer: Answer, index: int, session_id: str | None) -> dict[str, 
         "scope": answer.scope,
         "context": {k: v for k, v in msgspec.to_builtins(_context(turn)).items() if v is not None},
     }
+    if turn.clarify is not None:
+        info["clarify"] = turn.clarify.question_kind
     if answer.split:
         info["segment"] = {
             "index": index,
