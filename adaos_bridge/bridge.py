@@ -51,7 +51,7 @@ def split_reply(req: IntentRequest, reply: ServiceReply) -> list[tuple[IntentReq
             return []  # a malformed list: handle the utterance as one request
         index = seg.get("index", i)
         raw = {**seg, "model_id": reply.model_id, "locale": reply.locale, "request_id": req.request_id}
-        raw["segments_total"] = len(segments)
+        raw.update(segment_index=index, segments_total=len(segments))
         fields = {k: seg[k] for k in ("top_intent", "confidence", "alternatives", "slots", "via") if k in seg}
         try:
             part = msgspec.convert(
