@@ -7,6 +7,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -69,6 +70,26 @@ class Encoded(msgspec.Struct, frozen=True):
     def feeds(self) -> dict[str, np.ndarray]:
         """The onnxruntime input dict."""
         return {"chars": self.chars, "words": self.words, "ngrams": self.ngrams}
+
+
+_DEVICE = re.compile(r"\{device\}")
+
+
+def placeholder_token(placeholder: str, kind: str) -> str:
+    """How a placeholder reaches the model: ``{device}`` names its kind (``{device_cover}``), so
+    "закрой {device}" can tell a curtain from a lock; every other placeholder stays as it is."""
+    if placeholder == "device" and kind.startswith("device."):
+        return "{device_" + kind.split(".", 1)[1].replace(".", "_") + "}"
+    return "{" + placeholder + "}"
+
+
+def model_text(canonical: Any) -> str:
+    """The ranker's input: ``canonical.masked`` with each ``{device}`` carrying its kind (train = serve)."""
+    masked: str = canonical.masked
+    if "{device}" not in masked:
+        return masked
+    kinds = iter(sorted((e for e in canonical.entities if e.placeholder == "device"), key=lambda e: e.start))
+    return _DEVICE.sub(lambda m: placeholder_token("device", getattr(next(kinds, None), "kind", "")), masked)
 
 
 def tokenize(text: str, spec: FeatureSpec) -> list[str]:

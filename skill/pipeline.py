@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from .canonicalize import Canonical, Canonicalizer
+from .canonicalize import Canonical, Canonicalizer, EntityMatch
 from .catalog import Catalog
 from .decision import Decision, Outcome
 from .gate import GateConfig, IntentPolicy, gate
@@ -125,7 +125,15 @@ class Pipeline:
         evidence["entities"] = [msgspec.to_builtins(e) for e in canonical.entities]
         if canonical.ambiguities:
             evidence["ambiguities"] = [msgspec.to_builtins(a) for a in canonical.ambiguities]
-        check = fill_slots(intent, canonical, final.slots)
+        tagged = self._tagged(final, canonical)
+        if tagged:
+            evidence["entities"] += [msgspec.to_builtins(e) for e in tagged]
+            evidence["unresolved_entity_spans"] = [
+                {"text": e.text, "slot": e.kind, "start": e.start, "end": e.end, "confidence": e.confidence}
+                for e in tagged
+            ]
+        filled = msgspec.structs.replace(canonical, entities=canonical.entities + tuple(tagged))
+        check = fill_slots(intent, filled, final.slots)
         if check.invalid:
             evidence["invalid_slots"] = list(check.invalid)
         final = msgspec.structs.replace(final, slots=check.slots, evidence=evidence)
@@ -140,6 +148,38 @@ class Pipeline:
             missing_slots=check.missing,
             invalid_slots=tuple(i["slot"] for i in check.invalid),
         )
+
+    def _tagged(self, final: Decision, canonical: Canonical) -> list[EntityMatch]:
+        """The tagger's open-class spans for the decided intent, as entities after canonicalization's.
+
+        The ranker tags in the same pass that ranks; a regex decision asks the tagger only when its
+        intent has taggable slots. Registry names and values were masked first, so they win.
+        """
+        intent = self.catalog.intents.get(final.intent or "")
+        if intent is None:
+            return []
+        spans = final.evidence.get("tagged_spans")
+        if spans is None and final.via == "regex" and hasattr(self.ranker, "tag"):
+            spans = self.ranker.tag(canonical, intent.intent)  # type: ignore[union-attr]
+        out = []
+        for sp in spans or ():
+            spec = intent.slots.get(sp["slot"])
+            if spec is None:
+                continue
+            out.append(
+                EntityMatch(
+                    placeholder=spec.source or sp["slot"],
+                    kind=sp["slot"],
+                    text=sp["text"],
+                    start=sp["start"],
+                    end=sp["end"],
+                    value=sp["text"],
+                    source="tagger",
+                    match_type="tagged",
+                    confidence=sp["confidence"],
+                )
+            )
+        return out
 
     def _decide(self, canonical: Canonical, traces: list[StageTrace], use_llm: bool = True) -> Decision:
         if self.regex is not None:

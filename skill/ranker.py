@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ from .artifacts import ModelError, verify_model_dir
 from .canonicalize import Canonical, Canonicalizer
 from .catalog import Catalog
 from .decision import Candidate, Decision, Outcome
-from .features import VOCAB_NAME, Featurizer
+from .features import VOCAB_NAME, Featurizer, model_text
+from .tagging import decode, token_map
 from .scoring import Blend, Calibration, alternative_confidences, calibrate, log_priors, score_one
 
 _LOGGER = logging.getLogger(__name__)
@@ -39,6 +41,8 @@ class RankerConfig(msgspec.Struct, frozen=True):
     schema_version: int = 1
     net: dict[str, Any] = msgspec.field(default_factory=dict)
     train: dict[str, Any] = msgspec.field(default_factory=dict)
+    tags: list[str] = msgspec.field(default_factory=list)  # BIO labels of the tagging head ([]: none)
+    tag_slots: dict[str, list[str]] = msgspec.field(default_factory=dict)  # intent -> slots it may tag
 
 
 class IntentInfo(msgspec.Struct, frozen=True):
@@ -70,11 +74,11 @@ _EMBED_BATCH = 8
 def catalog_example_rows(catalog: Catalog, canonicalizer: Canonicalizer) -> list[ExampleRow]:
     """Every catalog example and negative as index rows, canonicalized the way training does it."""
     rows = [
-        ExampleRow(canonicalizer.canonicalize(ex.text, ex.locale).masked, ex.intent, ex.locale)
+        ExampleRow(model_text(canonicalizer.canonicalize(ex.text, ex.locale)), ex.intent, ex.locale)
         for ex in catalog.examples()
     ]
     rows += [
-        ExampleRow(canonicalizer.canonicalize(ex.text, ex.locale).masked, ex.intent, ex.locale, negative=True)
+        ExampleRow(model_text(canonicalizer.canonicalize(ex.text, ex.locale)), ex.intent, ex.locale, negative=True)
         for ex in catalog.negatives()
     ]
     return rows
@@ -133,6 +137,9 @@ class Ranker:
         self._prior = np.exp(self._log_prior)
         self._calibration = config.calibration.linear()
         self.added = {"examples": 0, "negatives": 0, "skipped_unknown_intent": 0}
+        self._tags = config.tags if len(session.get_outputs()) > 2 else []
+        self._tag_slots = {k: set(v) for k, v in config.tag_slots.items()}
+        self._pattern = re.compile(featurizer.spec.token_pattern)
 
     @classmethod
     def load(cls, model_dir: Path, *, threads: int = 1) -> Ranker:
@@ -205,12 +212,32 @@ class Ranker:
         except Exception as exc:  # a graph that loads but cannot run these inputs is a broken model
             raise ModelError(f"{self.model_dir}: warm-up failed: {exc}") from exc
 
-    def score_text(
-        self, masked: str
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float | None, int]:
-        """Softmax, kNN sims and labels, example rows, nearest-negative sim and row for one text."""
-        feeds = self._featurizer.encode([masked]).feeds()
-        probs, emb = self._session.run(None, feeds)
+    def _run(self, masked: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """One forward pass: class probabilities, embedding, tag probabilities (None without a head)."""
+        outs = self._session.run(None, self._featurizer.encode([masked]).feeds())
+        return outs[0], outs[1], outs[2] if len(outs) > 2 else None
+
+    def tag(self, canonical: Canonical, intent: str | None, tag_probs: np.ndarray | None = None) -> list[dict[str, Any]]:
+        """Open-class spans the tagging head finds in the unmasked words, for ``intent``'s slots.
+
+        Only slots the intent declares are decoded (a constrained decode); nothing without a head.
+        """
+        if not self._tags or intent is None:
+            return []
+        allowed = self._tag_slots.get(intent)
+        if not allowed:
+            return []
+        tmap = token_map(canonical, self._pattern, self._featurizer.spec.max_words)
+        if tmap is None:
+            return []
+        if tag_probs is None:
+            tag_probs = self._run(model_text(canonical))[2]
+        if tag_probs is None:
+            return []
+        return [msgspec.to_builtins(s) for s in decode(tag_probs[0], self._tags, tmap, canonical, allowed)]
+
+    def _search(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float | None, int]:
+        """kNN sims, their labels and example rows, and the nearest negative's sim and row."""
         k = min(self.config.blend.k, self._index.ntotal)
         sims, rows = self._index.search(emb, k)
         neg_sim: float | None = None
@@ -218,11 +245,20 @@ class Ranker:
         if self._negatives is not None:
             ns, nr = self._negatives.search(emb, 1)
             neg_sim, neg_row = float(ns[0, 0]), int(nr[0, 0])
-        return probs, sims, self._labels[rows], rows, neg_sim, neg_row
+        return sims, self._labels[rows], rows, neg_sim, neg_row
+
+    def score_text(
+        self, masked: str
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float | None, int]:
+        """Softmax, kNN sims and labels, example rows, nearest-negative sim and row for one text."""
+        probs, emb, _ = self._run(masked)
+        sims, labels, rows, neg_sim, neg_row = self._search(emb)
+        return probs, sims, labels, rows, neg_sim, neg_row
 
     def decide(self, canonical: Canonical) -> Decision:
         """Rank intents for ``canonical.masked``: ACCEPT (calibrated confidence) or REJECT on negatives."""
-        probs, sims, labels, rows, neg_sim, neg_row = self.score_text(canonical.masked)
+        probs, emb, tag_probs = self._run(model_text(canonical))
+        sims, labels, rows, neg_sim, neg_row = self._search(emb)
         scores, feats, top, _, knn_top = score_one(
             probs[0], sims[0], labels[0], neg_sim, self._log_prior, self.config.blend
         )
@@ -253,6 +289,8 @@ class Ranker:
             "canonicalized_text": canonical.masked,
             "model_id": self.model_id,
         }
+        if tag_probs is not None:
+            evidence["tagged_spans"] = self.tag(canonical, self._names[top], tag_probs)
         if neg_sim is not None and neg_sim - pos_sim > self.config.neg_margin:
             return Decision(
                 intent=None,
@@ -262,7 +300,12 @@ class Ranker:
                 alternatives=(Candidate(self._names[top], round(conf, 6)),)
                 + alternatives[: ALTERNATIVES - 1],
                 evidence=evidence,
-                reason="nearest negative example is closer than any intent example",
+                reason=(
+                    "nearest negative example is within "
+                    f"{-self.config.neg_margin:.3f} of the nearest intent example"
+                    if self.config.neg_margin < 0
+                    else "nearest negative example is closer than any intent example"
+                ),
             )
         return Decision(
             intent=self._names[top],
@@ -323,7 +366,7 @@ class Ranker:
         for idx in groups.values():
             for start in range(0, len(idx), _EMBED_BATCH):
                 part = idx[start : start + _EMBED_BATCH]
-                _, emb = self._session.run(None, self._featurizer.encode([texts[i] for i in part]).feeds())
+                emb = self._session.run(None, self._featurizer.encode([texts[i] for i in part]).feeds())[1]
                 if out is None:
                     out = np.zeros((len(texts), emb.shape[1]), dtype=np.float32)
                 out[part] = emb
@@ -349,6 +392,7 @@ class Ranker:
             if self._negatives is not None
             else None,
             "onnx_threads": self._threads,
+            "tagger": {"slots": sorted({t[2:] for t in self._tags if t != "O"})} if self._tags else None,
             "model_bytes": model_path.stat().st_size,
             "folder_bytes": sum(p.stat().st_size for p in self.model_dir.iterdir() if p.is_file()),
         }

@@ -214,6 +214,7 @@ class ServiceState:
             "catalog": {
                 "intents": len(pipe.catalog.intents) if pipe is not None else 0,
                 "digest": pipe.catalog.digest[:12] if pipe is not None else None,
+                "markup": pipe.catalog.markup_counts() if pipe is not None else None,
             },
             "last_reload": msgspec.to_builtins(self.reloads[-1]) if self.reloads else None,
             "last_refusal": msgspec.to_builtins(self.refusals[-1]) if self.refusals else None,

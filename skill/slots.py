@@ -69,8 +69,12 @@ def _numeric(spec: SlotSpec, ent: EntityMatch | None, value: str) -> float | Non
         return None
 
 
-def _in_range(spec: SlotSpec, ent: EntityMatch | None, value: str) -> tuple[bool, str]:
-    """Whether the value fits the slot's range, and why not (Fahrenheit is converted to Celsius)."""
+def _in_range(spec: SlotSpec, ent: EntityMatch | None, value: str, locale: str) -> tuple[bool, str]:
+    """Whether the value fits the slot's range, and why not (Fahrenheit is converted to Celsius).
+
+    A temperature said without a unit is read as Fahrenheit only in English and only when Celsius
+    does not fit ("set the thermostat to seventy two").
+    """
     if spec.range is None:
         return True, ""
     x = _numeric(spec, ent, value)
@@ -79,8 +83,8 @@ def _in_range(spec: SlotSpec, ent: EntityMatch | None, value: str) -> tuple[bool
     kind = ent.kind if ent is not None else ""
     if ent is not None and ent.placeholder == "temperature":
         celsius = (x - 32.0) * 5.0 / 9.0
-        if kind == "temperature.fahrenheit" or (kind == "temperature" and not spec.range.admits(x)
-                                                 and spec.range.admits(celsius)):
+        guess_f = locale == "en" and not spec.range.admits(x) and spec.range.admits(celsius)
+        if kind == "temperature.fahrenheit" or (kind == "temperature" and guess_f):
             x = celsius  # "seventy two" on an English thermostat is Fahrenheit
     if spec.range.admits(x):
         return True, ""
@@ -136,7 +140,7 @@ def fill_slots(intent: Intent | None, canonical: Canonical, extra: dict[str, Any
                 continue
             value = mapped
         if isinstance(value, str) and spec.value == "value":
-            ok, why = _in_range(spec, ent, value)
+            ok, why = _in_range(spec, ent, value, canonical.locale)
             if not ok:
                 invalid.append({"slot": name, "value": value, "why": why})
         slots[name] = value

@@ -20,6 +20,7 @@ import msgspec
 import numpy as np
 
 from .canonicalize import Canonical
+from .features import model_text, placeholder_token
 from .values import token_offsets
 
 O_TAG = "O"
@@ -54,7 +55,7 @@ def tag_names(slots: Sequence[str]) -> list[str]:
 
 
 def token_map(canonical: Canonical, pattern: re.Pattern[str], max_words: int) -> TokenMap | None:
-    """The model's tokens of ``canonical.masked`` mapped back to normalized tokens (None if they differ)."""
+    """The model's tokens of :func:`model_text` mapped back to normalized tokens (None if they differ)."""
     norm = canonical.normalized.split(" ") if canonical.normalized else []
     starts: list[int] = []
     pos = 0
@@ -66,7 +67,7 @@ def token_map(canonical: Canonical, pattern: re.Pattern[str], max_words: int) ->
         first = next((i for i, s in enumerate(starts) if s >= e.start), None)
         last = next((i for i in range(len(starts) - 1, -1, -1) if starts[i] < e.end), None)
         if first is not None and last is not None and last >= first:
-            ent_at[first] = (last + 1, e.placeholder)
+            ent_at[first] = (last + 1, placeholder_token(e.placeholder, e.kind))
     tokens: list[str] = []
     ranges: list[tuple[int, int]] = []
     ph: list[bool] = []
@@ -74,7 +75,7 @@ def token_map(canonical: Canonical, pattern: re.Pattern[str], max_words: int) ->
     while i < len(norm):
         if i in ent_at:
             end, name = ent_at[i]
-            tokens.append("{" + name + "}")
+            tokens.append(name)
             ranges.append((i, end))
             ph.append(True)
             i = end
@@ -84,7 +85,7 @@ def token_map(canonical: Canonical, pattern: re.Pattern[str], max_words: int) ->
             ranges.append((i, i + 1))
             ph.append(False)
         i += 1
-    if pattern.findall(canonical.masked.lower()) != tokens:
+    if pattern.findall(model_text(canonical).lower()) != tokens:
         return None
     return TokenMap(tokens[:max_words], ranges[:max_words], ph[:max_words])
 
@@ -105,6 +106,7 @@ def bio_labels(
     """Label ids per model token: the tagged slots of unmasked words; placeholders stay ``O``."""
     index = {t: i for i, t in enumerate(tags)}
     norm_label: dict[int, str] = {}
+    norm_span: dict[int, tuple[int, int]] = {}
     for start, end, slot in spans:
         if f"B-{slot}" not in index:
             continue
@@ -113,6 +115,7 @@ def bio_labels(
             continue
         for j in range(rng[0], rng[1]):
             norm_label[j] = ("B-" if j == rng[0] else "I-") + slot
+            norm_span[j] = rng
     out: list[int] = []
     prev_slot: str | None = None
     prev_range: tuple[int, int] | None = None
@@ -121,7 +124,8 @@ def bio_labels(
         if is_ph:
             # A placeholder inside an open span ("play {number} luftballons") belongs to the span;
             # any other placeholder is canonicalization's and stays O.
-            inside = all(norm_label.get(j, O_TAG) != O_TAG for j in range(a, b))
+            span = norm_span.get(a)
+            inside = span is not None and span[0] <= a and b <= span[1] and span != (a, b)
             label = label if inside and label != O_TAG else O_TAG
         if label.startswith("I-") and prev_range == (a, b):
             pass  # a normalized token cut into several model tokens ("7:30" unmasked): keep I-
@@ -141,36 +145,36 @@ def decode(
     allowed: set[str] | None,
     min_confidence: float = 0.5,
 ) -> list[TaggedSpan]:
-    """Constrained greedy BIO decode: only ``allowed`` slots, no I- without its B-, spans on words.
+    """Constrained decode: only ``allowed`` slots, a word is in a span when P(not O) > 1/2.
 
-    ``probs`` is [tokens, tags]. A span's confidence is the mean probability of its labels; spans
-    below ``min_confidence`` are dropped. Surface text and offsets come from the raw text.
+    ``probs`` is [tokens, tags]. Per word, the slot is the one with the most B + I mass; adjacent
+    words of the same slot form one span (one value per slot). A span's confidence is the mean
+    P(not O) of its words; spans below ``min_confidence`` are dropped, so are spans that start on
+    a placeholder (canonicalization's). Surface text and offsets come from the raw text.
     """
+    slots = sorted({t[2:] for t in tags if t != O_TAG and (allowed is None or t[2:] in allowed)})
+    if not slots:
+        return []
+    col = {t: i for i, t in enumerate(tags)}
+    o = col[O_TAG]
     n = min(len(tmap.tokens), probs.shape[0])
-    keep = np.array(
-        [t == O_TAG or (allowed is None or t[2:] in allowed) for t in tags], dtype=bool
-    )
-    spans: list[tuple[str, int, int, list[float]]] = []  # slot, first norm token, end, probs
+    spans: list[tuple[str, int, int, list[float]]] = []  # slot, first norm token, end, P(not O)
+    last_end = -1
     for i in range(n):
-        row = np.where(keep, probs[i], -1.0)
-        k = int(row.argmax())
-        label = tags[k]
-        if label == O_TAG or tmap.placeholder[i] and not spans:
-            if label == O_TAG:
-                continue
+        mass = np.array([probs[i, col[f"B-{s}"]] + probs[i, col[f"I-{s}"]] for s in slots])
+        p_in = float(mass.sum())
+        if p_in <= float(probs[i, o]) or p_in <= 0.5 * float(probs[i].sum()):
+            continue
+        slot = slots[int(mass.argmax())]
         a, b = tmap.ranges[i]
-        slot = label[2:]
-        cont = (
-            spans
-            and spans[-1][0] == slot
-            and spans[-1][2] >= a
-            and (label.startswith("I-") or spans[-1][2] == b)
-        )
-        if cont:
-            s, first, _, ps = spans[-1]
-            spans[-1] = (s, first, max(b, spans[-1][2]), [*ps, float(probs[i, k])])
+        if spans and spans[-1][0] == slot and spans[-1][2] >= a and last_end == i - 1:
+            s0, first, end, ps = spans[-1]
+            spans[-1] = (s0, first, max(end, b), [*ps, p_in])
+        elif not tmap.placeholder[i]:
+            spans.append((slot, a, b, [p_in]))
         else:
-            spans.append((slot, a, b, [float(probs[i, k])]))
+            continue
+        last_end = i
     offs = token_offsets(canonical.text)
     out = []
     for slot, first, end, ps in spans:

@@ -227,7 +227,7 @@ def test_rows_from_jsonl_reads_bench_and_hub_rows(tmp_path: Path) -> None:
     rows = rows_from_jsonl(path)
     assert rows == [
         Row("play jazz", "music.play", "en", "train"),
-        Row("wake me at 7:30", "alarm.set", "", "val"),
+        Row("wake me at 7:30", "alarm.set", "", "val", ((11, 15, "time"),)),  # markup kept as spans
         Row("meaning of life", "oos", "en", "test"),
     ]
 

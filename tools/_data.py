@@ -8,12 +8,14 @@ import logging
 import re
 from collections import defaultdict
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 
-from skill.catalog import Catalog
+from skill.catalog import Catalog, MarkupError, parse_markup
 
 _LOGGER = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 OOS = "oos"
 SPLITS = ("train", "val", "test")
@@ -34,6 +36,8 @@ class Row(msgspec.Struct, frozen=True):
     intent: str
     locale: str = ""
     split: str = "train"
+    # Slot spans (start, end, slot) over ``text``; None: the row carries no span labels at all.
+    spans: tuple[tuple[int, int, str], ...] | None = None
 
 
 class DataReport(msgspec.Struct):
@@ -49,7 +53,7 @@ class DataReport(msgspec.Struct):
     intents_not_in_catalog: int = 0
 
 
-def _split_list(items: list[str]) -> list[tuple[str, str]]:
+def _split_list(items: list[_T]) -> list[tuple[_T, str]]:
     if len(items) < VAL_MIN:
         return [(t, "train") for t in items]
     return [(t, "val" if i % VAL_EVERY == VAL_EVERY - 1 else "train") for i, t in enumerate(items)]
@@ -60,9 +64,12 @@ def rows_from_catalog(catalog: Catalog) -> tuple[list[Row], list[Row]]:
     train: list[Row] = []
     val: list[Row] = []
     for name, intent in catalog.intents.items():
+        marks = catalog.spans.get(name, {})
         for locale, texts in intent.examples.items():
-            for text, split in _split_list(list(texts)):
-                (val if split == "val" else train).append(Row(text, name, locale, split))
+            per = marks.get(locale) or [()] * len(texts)
+            pairs = [(t, tuple((sp.start, sp.end, sp.slot) for sp in m)) for t, m in zip(texts, per, strict=True)]
+            for (text, spans), split in _split_list(pairs):
+                (val if split == "val" else train).append(Row(text, name, locale, split, spans))
     negatives: dict[str, list[str]] = defaultdict(list)
     for ex in catalog.negatives():
         negatives[ex.locale].append(ex.text)
@@ -115,7 +122,16 @@ def rows_from_jsonl(path: Path | str) -> list[Row]:
             raise DataError(f"{where}: expected a JSON object")
         if obj.get("schema_version", 1) != 1:
             raise DataError(f"{where}: unsupported schema_version {obj.get('schema_version')!r}")
-        text = _RASA_MARKUP.sub(r"\1", _field(obj, "text", where))
+        raw_text = _field(obj, "text", where)
+        spans: tuple[tuple[int, int, str], ...] | None = None
+        try:
+            text, marked = parse_markup(raw_text)
+        except MarkupError:
+            text, marked = _RASA_MARKUP.sub(r"\1", raw_text), ()
+        if marked:
+            spans = tuple((m.start, m.end, m.slot) for m in marked)
+        if isinstance(obj.get("spans"), list):
+            spans = _spans(obj["spans"], text, where)
         intent = _field(obj, "intent", where)
         if _BAD_NAME.search(intent):
             raise DataError(f"{where}: bad intent name {intent!r}")
@@ -123,10 +139,25 @@ def rows_from_jsonl(path: Path | str) -> list[Row]:
         if split not in SPLITS:
             raise DataError(f"{where}: split must be one of {SPLITS}, not {split!r}")
         locale = _field(obj, "lang", where, False) or _field(obj, "locale", where, False)
-        rows.append(Row(text=text, intent=intent, locale=locale, split=str(split)))
+        rows.append(Row(text=text, intent=intent, locale=locale, split=str(split), spans=spans))
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
+
+
+def _spans(raw: list[object], text: str, where: str) -> tuple[tuple[int, int, str], ...]:
+    """Bench ``spans: [{start, end, slot, value?}]``, checked against the text."""
+    out = []
+    for sp in raw:
+        if not isinstance(sp, dict):
+            raise DataError(f"{where}: a span must be an object")
+        start, end, slot = sp.get("start"), sp.get("end"), sp.get("slot")
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= len(text)):
+            raise DataError(f"{where}: span offsets {start!r}..{end!r} do not fit the text")
+        if not isinstance(slot, str) or not slot:
+            raise DataError(f"{where}: a span needs a slot name")
+        out.append((start, end, slot))
+    return tuple(sorted(out))
 
 
 class Prepared(msgspec.Struct):

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from skill.features import UNK, Featurizer
 
-from ._augment import augment
+from ._augment import augment, augment_tagged
 from ._model import Net, NetConfig, supcon_loss
 
 _LOGGER = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     threads: int = 1  # torch intra-op threads (the brief allows 2; 1 is faster on a shared machine)
     ema_decay: float = 0.998  # > 0: export an exponential moving average of the weights (0: last weights)
     ema_start: float = 0.5  # share of the training steps after which the average starts
+    tag_weight: float = 0.5  # token cross-entropy of the slot-tagging head (rows with span labels only)
 
 
 def _batches(
@@ -78,14 +79,22 @@ def fit_net(
     seed: int,
     cfg: TrainConfig,
     progress: bool,
+    tags: Sequence[list[int] | None] | None = None,
+    n_tags: int = 0,
 ) -> Net:
-    """Train a fresh :class:`Net` on canonicalized texts; label -1 marks out-of-scope rows."""
+    """Train a fresh :class:`Net` on canonicalized texts; label -1 marks out-of-scope rows.
+
+    ``tags`` gives, per row, a BIO label id per model token (None: the row has no span labels); with
+    ``n_tags`` > 0 a tagging head is trained on them jointly.
+    """
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, min(cfg.threads, 2)))
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     vocab = feat.vocab
-    net = Net(NetConfig(vocab.n_chars, vocab.n_words, vocab.n_ngrams, n_classes))
+    n_tags = n_tags if tags is not None and any(t is not None for t in tags) else 0
+    net = Net(NetConfig(vocab.n_chars, vocab.n_words, vocab.n_ngrams, n_classes, n_tags=n_tags))
+    row_tags: list[list[int] | None] = list(tags) if n_tags and tags is not None else [None] * len(texts)
     sparse_ids = {id(p) for p in net.sparse_parameters()}
     dense = [p for p in net.parameters() if id(p) not in sparse_ids]
     opts = [
@@ -108,7 +117,16 @@ def fit_net(
     bar = tqdm(total=cfg.epochs, desc="train", unit="epoch", disable=not progress)
     for epoch in range(cfg.epochs):
         net.train()
-        noisy = [augment(t, rng, cfg.augment_rate) for t in texts]
+        noisy: list[str] = []
+        noisy_tags: list[list[int] | None] = []
+        for t, tg in zip(texts, row_tags, strict=True):
+            if tg is None or len(tg) != feat.n_tokens(t) or len(t.split()) != len(tg):
+                noisy.append(augment(t, rng, cfg.augment_rate))
+                noisy_tags.append(None)
+            else:
+                words_t, tg2 = augment_tagged(t.split(), tg, rng, cfg.augment_rate)
+                noisy.append(" ".join(words_t))
+                noisy_tags.append(tg2)
         loss_sum, n_seen = 0.0, 0
         for batch in _batches(feat, noisy, cfg.batch_size, rng):
             chars, words, grams = _tensors(feat, [noisy[i] for i in batch])
@@ -118,9 +136,20 @@ def fit_net(
                 hit = (torch.rand(words.shape, generator=gen) < cfg.word_dropout) & (words > 0)
                 words = words.masked_fill(hit, UNK)
             y = y_all[batch]
-            logits, le, lb, emb = net.forward_train(chars, words, grams)
+            logits, le, lb, emb, tag_logits = net.forward_train(chars, words, grams)
             inside = y >= 0
             loss = emb.sum() * 0.0
+            if tag_logits is not None and cfg.tag_weight > 0:
+                width = tag_logits.shape[1]
+                gold = torch.full((len(batch), width), -100, dtype=torch.long)
+                for r, i in enumerate(batch):
+                    tg = noisy_tags[i]
+                    if tg is not None and len(tg) == width:
+                        gold[r] = torch.tensor(tg, dtype=torch.long)
+                if bool((gold >= 0).any()):
+                    loss = loss + cfg.tag_weight * F.cross_entropy(
+                        tag_logits.reshape(-1, tag_logits.shape[2]), gold.reshape(-1), ignore_index=-100
+                    )
             if bool(inside.any()):
                 yi = y[inside]
                 loss = loss + F.cross_entropy(logits[inside], yi, label_smoothing=cfg.label_smoothing)
@@ -168,7 +197,7 @@ def predict(
     probs = np.zeros((len(texts), net.cfg.n_classes), dtype=np.float32)
     embs = np.zeros((len(texts), net.cfg.proj_dim), dtype=np.float32)
     for batch in _batches(feat, texts, batch_size, None):
-        p, e = net(*_tensors(feat, [texts[i] for i in batch]))
+        p, e = net(*_tensors(feat, [texts[i] for i in batch]))[:2]
         probs[batch] = p.numpy()
         embs[batch] = e.numpy()
     return probs, embs

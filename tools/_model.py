@@ -24,6 +24,7 @@ class NetConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     proj_dim: int = 64
     dropout: float = 0.3
     bag_weights: bool = False  # learn a weight per n-gram (an IDF-like weighted mean) instead of a plain mean
+    n_tags: int = 0  # BIO slot tags of the tagging head over the BiLSTM's word states (0: no head)
 
 
 class Dense(nn.Module):
@@ -59,6 +60,7 @@ class Net(nn.Module):
         self.head_enc = Dense(enc_dim, cfg.n_classes)
         self.head_bag = Dense(cfg.bag_dim, cfg.n_classes)
         self.proj = Dense(enc_dim + cfg.bag_dim, cfg.proj_dim)
+        self.head_tag = Dense(2 * cfg.hidden, cfg.n_tags) if cfg.n_tags else None
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         """The big embedding tables: trained with sparse gradients (only touched rows are updated)."""
@@ -69,8 +71,8 @@ class Net(nn.Module):
 
     def branches(
         self, chars: torch.Tensor, words: torch.Tensor, ngrams: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled encoder features [B, 4H] and the n-gram bag [B, bag_dim]."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pooled encoder features [B, 4H], the n-gram bag [B, bag_dim] and the word states [B, W, 2H]."""
         b, w, length = chars.shape
         flat = chars.reshape(b * w, length)
         inverse = None
@@ -89,27 +91,28 @@ class Net(nn.Module):
         if self.bag_w is not None:
             mask = mask * F.softplus(self.bag_w(ngrams) + 1.0)
         bag = (self.bag_emb(ngrams) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-3)
-        return enc, bag
+        return enc, bag, out
 
     def forward_train(
         self, chars: torch.Tensor, words: torch.Tensor, ngrams: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Combined logits, encoder logits, bag logits, normalized embedding."""
-        enc, bag = self.branches(chars, words, ngrams)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Combined logits, encoder logits, bag logits, normalized embedding, tag logits [B, W, T]."""
+        enc, bag, states = self.branches(chars, words, ngrams)
         enc_d, bag_d = self.drop(enc), self.drop(bag)
         le, lb = self.head_enc(enc_d), self.head_bag(bag_d)
         emb = F.normalize(self.proj(torch.cat([enc_d, bag_d], dim=1)), dim=1)
-        return le + lb, le, lb, emb
+        tags = self.head_tag(self.drop(states)) if self.head_tag is not None else None
+        return le + lb, le, lb, emb, tags
 
-    def forward(
-        self, chars: torch.Tensor, words: torch.Tensor, ngrams: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Export path: class probabilities and the normalized embedding."""
-        enc, bag = self.branches(chars, words, ngrams)
+    def forward(self, chars: torch.Tensor, words: torch.Tensor, ngrams: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Export path: class probabilities, the normalized embedding and (with a head) tag probabilities."""
+        enc, bag, states = self.branches(chars, words, ngrams)
         logits = self.head_enc(enc) + self.head_bag(bag)
         emb = self.proj(torch.cat([enc, bag], dim=1))
         emb = emb / torch.sqrt((emb * emb).sum(dim=1, keepdim=True) + 1e-12)
-        return torch.softmax(logits, dim=1), emb
+        if self.head_tag is None:
+            return torch.softmax(logits, dim=1), emb
+        return torch.softmax(logits, dim=1), emb, torch.softmax(self.head_tag(states), dim=2)
 
 
 def supcon_loss(emb: torch.Tensor, labels: torch.Tensor, tau: float = 0.1) -> torch.Tensor:

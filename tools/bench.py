@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 
 import msgspec
 
+from skill.features import model_text
 from skill.canonicalize import Canonicalizer
 from skill.catalog import load_catalog
 from skill.gate import GateConfig
@@ -174,7 +175,7 @@ def evaluate(
             added = ranker.add_examples(
                 [
                     ExampleRow(
-                        canon.canonicalize(r.text, r.locale or r.lang or None).masked,
+                        model_text(canon.canonicalize(r.text, r.locale or r.lang or None)),
                         r.intent,
                         r.locale or r.lang,
                         negative=r.intent == metrics.OOS,

@@ -42,19 +42,21 @@ def export_onnx(net: Net, feat: Featurizer, path: Path) -> None:
 
 
 def _export(net: Net, args: tuple[torch.Tensor, ...], path: Path) -> None:
+    outputs = ["probs", "emb"] + (["tags"] if net.head_tag is not None else [])
     torch.onnx.export(
         net,
         args,
         str(path),
         dynamo=False,
         input_names=["chars", "words", "ngrams"],
-        output_names=["probs", "emb"],
+        output_names=outputs,
         dynamic_axes={
             "chars": {0: "batch", 1: "words"},
             "words": {0: "batch", 1: "words"},
             "ngrams": {0: "batch", 1: "ngrams"},
             "probs": {0: "batch"},
             "emb": {0: "batch"},
+            "tags": {0: "batch", 1: "words"},
         },
         opset_version=OPSET,
     )
@@ -88,7 +90,7 @@ def run_batched(
     probs: np.ndarray | None = None
     embs: np.ndarray | None = None
     for batch in _batches(feat, texts, batch_size, None):
-        p, e = sess.run(None, feat.encode([texts[i] for i in batch]).feeds())
+        p, e = sess.run(None, feat.encode([texts[i] for i in batch]).feeds())[:2]
         if probs is None or embs is None:
             probs = np.zeros((len(texts), p.shape[1]), dtype=np.float32)
             embs = np.zeros((len(texts), e.shape[1]), dtype=np.float32)
@@ -112,9 +114,9 @@ def export_int8(
         p8, _ = run_batched(session(out, threads), feat, texts)
         with torch.no_grad():
             enc = feat.encode(texts[:1])
-            torch_p, _ = net(
+            torch_p = net(
                 torch.from_numpy(enc.chars), torch.from_numpy(enc.words), torch.from_numpy(enc.ngrams)
-            )
+            )[0]
         torch_gap = float(np.abs(torch_p.numpy() - p32[:1]).max())
         fp32_bytes = os.path.getsize(fp32)
     agreement = float((p32.argmax(axis=1) == p8.argmax(axis=1)).mean())

@@ -53,9 +53,9 @@ def predicted_spans(slots: Mapping[str, Any], evidence: Mapping[str, Any], spec_
         for i, ent in enumerate(entities):
             if i in used or not isinstance(ent, Mapping):
                 continue
-            if ent.get("slot") == name or (
-                ent.get("placeholder") == source and value in (ent.get("ref"), ent.get("value"), ent.get("text"))
-            ):
+            ref = ent.get("ref") or ""
+            same = value in (ref, ent.get("value"), ent.get("text")) or (ref and ref.rsplit(":", 1)[-1] == value)
+            if ent.get("placeholder") == source and same:
                 surface = ent.get("text")
                 used.add(i)
                 break

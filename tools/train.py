@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -22,10 +23,11 @@ import numpy as np
 from skill.artifacts import write_manifest
 from skill.canonicalize import Canonicalizer
 from skill.catalog import Catalog, load_catalog
-from skill.features import VOCAB_NAME, Featurizer, build_vocab
+from skill.features import VOCAB_NAME, Featurizer, FeatureSpec, build_vocab, model_text
 from skill.ranker import ExampleRow, IntentInfo, RankerConfig
 from skill.registry import write_pointer
 from skill.scoring import calibrate, log_priors, score_batch
+from skill.tagging import VALUE_SLOTS, bio_labels, decode, span_token_range, tag_names, token_map
 
 from ._adaos_artifacts import write_adaos_artifacts
 from ._calib import ValBatch, expected_calibration_error, fit_all
@@ -144,7 +146,82 @@ def _index(vectors: np.ndarray, dim: int) -> faiss.Index:
 
 
 def _canonical(rows: list[Row], canon: Canonicalizer) -> list[tuple[Row, str]]:
-    return [(row, canon.canonicalize(row.text, locale=row.locale or None).masked) for row in rows]
+    return [(row, model_text(canon.canonicalize(row.text, locale=row.locale or None))) for row in rows]
+
+
+def _tag_slots(rows: list[Row], catalog: Catalog) -> list[str]:
+    """Slots the tagger learns: every marked slot except the parsed values (time, level, ...)."""
+    value_sources = set(VALUE_SLOTS) | {"city"}
+    names: set[str] = set()
+    for row in rows:
+        spec_slots = catalog.intents[row.intent].slots if row.intent in catalog.intents else {}
+        for _, _, slot in row.spans or ():
+            spec = spec_slots.get(slot)
+            if slot in VALUE_SLOTS or (spec is not None and (spec.source or slot) in value_sources - {"city"}):
+                continue
+            names.add(slot)
+    return sorted(names)
+
+
+def _tagger_report(
+    sess: object, feat: Featurizer, rows: list[Row], canon: Canonicalizer, tags: list[str], catalog: Catalog
+) -> dict[str, object]:
+    """Exact-span precision / recall / F1 of the int8 tagger on the val rows that carry spans.
+
+    Decoded as served: only the slots the row's intent declares; spans canonicalization masked are
+    not the tagger's and are left out of the gold.
+    """
+    pattern = re.compile(feat.spec.token_pattern)
+    wanted = {t[2:] for t in tags if t != "O"}
+    tp = n_pred = n_gold = 0
+    for row in rows:
+        if row.spans is None:
+            continue
+        c = canon.canonicalize(row.text, locale=row.locale or None)
+        tmap = token_map(c, pattern, feat.spec.max_words)
+        if tmap is None:
+            continue
+        out = sess.run(None, feat.encode([model_text(c)]).feeds())  # type: ignore[attr-defined]
+        # Gold spans that canonicalization masked are its to fill, not the tagger's.
+        masked = {j for (a, b), ph in zip(tmap.ranges, tmap.placeholder, strict=True) if ph for j in range(a, b)}
+        gold = set()
+        for start, end, slot in row.spans:
+            rng = span_token_range(c.text, start, end)
+            if slot in wanted and rng is not None and not masked.intersection(range(*rng)):
+                gold.add((slot, start, end))
+        allowed = set(catalog.intents[row.intent].slots) & wanted if row.intent in catalog.intents else wanted
+        pred = {(sp.slot, sp.start, sp.end) for sp in decode(out[2][0], tags, tmap, c, allowed)}
+        n_gold += len(gold)
+        n_pred += len(pred)
+        tp += len(pred & gold)
+    p = tp / n_pred if n_pred else 0.0
+    r = tp / n_gold if n_gold else 0.0
+    return {
+        "tags": len(tags),
+        "val_spans": n_gold,
+        "precision": round(p, 4),
+        "recall": round(r, 4),
+        "f1": round(2 * p * r / (p + r), 4) if p + r else 0.0,
+    }
+
+
+def _tag_labels(
+    rows: list[Row], canon: Canonicalizer, tags: list[str]
+) -> dict[str, list[int]]:
+    """masked text → BIO label ids per model token, for rows that carry span labels."""
+    pattern = re.compile(FeatureSpec().token_pattern)
+    out: dict[str, list[int]] = {}
+    for row in rows:
+        if row.spans is None:
+            continue
+        c = canon.canonicalize(row.text, locale=row.locale or None)
+        text = model_text(c)
+        if text in out:
+            continue
+        tmap = token_map(c, pattern, FeatureSpec().max_words)
+        if tmap is not None:
+            out[text] = bio_labels(c, row.spans, tags, tmap)
+    return out
 
 
 def _intent_infos(prep: Prepared, catalog: Catalog) -> list[IntentInfo]:
@@ -190,10 +267,20 @@ def train_model(
     _LOGGER.info(
         "training on %d rows, %d intents, %d val rows", len(prep.train_texts), len(prep.intents), len(val)
     )
+    tags = tag_names(_tag_slots([r for r, _ in train], catalog))
+    labelled = _tag_labels([r for r, _ in train], canon, tags) if len(tags) > 1 else {}
     vocab = build_vocab(prep.train_texts)
     feat = Featurizer(vocab)
     net = fit_net(
-        feat, prep.train_texts, prep.train_labels, len(prep.intents), seed=seed, cfg=cfg, progress=progress
+        feat,
+        prep.train_texts,
+        prep.train_labels,
+        len(prep.intents),
+        seed=seed,
+        cfg=cfg,
+        progress=progress,
+        tags=[labelled.get(t) for t in prep.train_texts],
+        n_tags=len(tags) if labelled else 0,
     )
     train_seconds = time.monotonic() - started
 
@@ -244,6 +331,7 @@ def train_model(
             "val_oos_rows": int((~inside).sum()),
             "train_seconds": round(train_seconds, 1),
             **{key: round(v, 6) for key, v in fit_report.items()},
+            "tagger": _tagger_report(sess, feat, val_rows, canon, tags, catalog) if net.head_tag is not None else None,
             **export_report,
             "data": msgspec.to_builtins(prep.report),
         }
@@ -270,6 +358,14 @@ def train_model(
             thresholds=dict(THRESHOLDS),
             net=msgspec.to_builtins(net.cfg),
             train=train_info,
+            tags=tags if net.head_tag is not None else [],
+            tag_slots={
+                name: sorted(s for s in catalog.intents[name].slots if f"B-{s}" in tags)
+                for name in prep.intents
+                if name in catalog.intents
+            }
+            if net.head_tag is not None
+            else {},
         )
         _write_json(work / "ranker_config.json", ranker_cfg)
 

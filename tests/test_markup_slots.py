@@ -1,0 +1,249 @@
+"""Slot markup in the catalog, the new value parsers, and slot checks (kinds, ranges, missing slots)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from skill.canonicalize import Canonicalizer
+from skill.catalog import CatalogError, MarkupError, Span, load_catalog, parse_markup
+from skill.decision import Candidate, Decision, Outcome
+from skill.pipeline import Pipeline
+from skill.regex_stage import RegexStage
+from skill.slots import drop_kind_conflicts, duration_seconds, fill_slots
+from tests.conftest import MINI_INTENTS, REPO, write_catalog
+
+NEW_INTENTS = {
+    "device.query_state",
+    "climate.set_temperature",
+    "climate.get_temperature",
+    "cover.open",
+    "cover.close",
+    "cover.set_position",
+    "lock.lock",
+    "lock.unlock",
+    "light.set_color",
+    "music.next",
+    "music.previous",
+    "music.resume",
+    "voice.timer.status",
+    "voice.timer.pause",
+    "voice.timer.resume",
+    "voice.timer.add",
+    "voice.date.now",
+    "list.add_item",
+    "assistant.cancel",
+}
+HOME = ("device.", "light.", "climate.", "cover.", "lock.", "music.", "voice.timer.", "alarm.", "reminder.")
+
+
+@pytest.fixture(scope="module")
+def repo_catalog() -> Any:
+    return load_catalog(REPO / "catalog")
+
+
+@pytest.fixture(scope="module")
+def canon(repo_catalog: Any) -> Canonicalizer:
+    return Canonicalizer(repo_catalog)
+
+
+def _with(intents_change: dict[str, Any]) -> dict[str, Any]:
+    data = copy.deepcopy(MINI_INTENTS)
+    data["intents"][1].update(intents_change)
+    return data
+
+
+# -- markup
+
+
+def test_markup_strips_and_keeps_spans() -> None:
+    text, spans = parse_markup("turn on the [ceiling fan](device) in the [bedroom](room)")
+    assert text == "turn on the ceiling fan in the bedroom"
+    assert spans == (Span(12, 23, "device"), Span(31, 38, "room"))
+    assert text[12:23] == "ceiling fan" and text[31:38] == "bedroom"
+    assert parse_markup("выключи [ночную лампу](device)") == ("выключи ночную лампу", (Span(8, 20, "device"),))
+
+
+@pytest.mark.parametrize("bad", ["turn on [the fan", "turn on the fan]", "[[a](device)](room)", "[ a](device)"])
+def test_markup_errors(bad: str) -> None:
+    with pytest.raises(MarkupError):
+        parse_markup(bad)
+
+
+def test_unknown_slot_in_markup_names_file_and_line(tmp_path: Path) -> None:
+    data = _with({"examples": {"en": ["turn off the kitchen light", "switch off the [fan](gadget)"]}})
+    root = write_catalog(tmp_path / "c", data)
+    with pytest.raises(CatalogError) as err:
+        load_catalog(root)
+    assert "mini.yaml" in str(err.value) and "unknown slot 'gadget'" in str(err.value)
+    assert "line " in str(err.value)
+
+
+def test_unbalanced_markup_is_refused_with_line(tmp_path: Path) -> None:
+    root = write_catalog(tmp_path / "c", _with({"examples": {"en": ["switch off the [fan(device)"]}}))
+    with pytest.raises(CatalogError, match=r"line \d+: unbalanced"):
+        load_catalog(root)
+
+
+def test_markup_in_a_negative_is_refused(tmp_path: Path) -> None:
+    root = write_catalog(tmp_path / "c", _with({"negatives": {"en": ["who made the [fan](device)"]}}))
+    with pytest.raises(CatalogError, match="negative"):
+        load_catalog(root)
+
+
+def test_kind_constraint_naming_an_unknown_kind_is_refused(tmp_path: Path) -> None:
+    slots = {"device": {"source": "device", "value": "ref", "required": True, "kinds": ["spaceship"]}}
+    root = write_catalog(tmp_path / "c", _with({"slots": slots}))
+    with pytest.raises(CatalogError, match="unknown entity kind 'spaceship'"):
+        load_catalog(root)
+
+
+def test_cancel_intent_must_exist(tmp_path: Path) -> None:
+    root = write_catalog(tmp_path / "c", _with({"cancel_intent": "device.explode"}))
+    with pytest.raises(CatalogError, match="cancel_intent"):
+        load_catalog(root)
+
+
+def test_shipped_catalog_has_the_home_intents_with_depth(repo_catalog: Any) -> None:
+    assert NEW_INTENTS <= set(repo_catalog.intents)
+    for name, intent in repo_catalog.intents.items():
+        need = 60 if name.startswith(HOME) or name == "desktop.open_weather" else 40
+        for locale in ("ru", "en"):
+            assert len(intent.examples.get(locale, [])) >= need, (name, locale)
+    counts = repo_catalog.markup_counts()
+    assert counts["examples_marked"] > 2500 and counts["spans"] > counts["examples_marked"]
+    assert repo_catalog.intents["lock.unlock"].risky
+    assert repo_catalog.intents["alarm.set"].cancel_intent == "alarm.cancel"
+    # spans point at the right words of the stripped text
+    for ex in repo_catalog.examples():
+        for sp in ex.spans:
+            surface = ex.text[sp.start : sp.end]
+            assert surface and surface == surface.strip(), (ex.text, sp)
+
+
+def test_open_slots_on_existing_intents(repo_catalog: Any) -> None:
+    play = repo_catalog.intents["music.play"].slots
+    assert {"artist", "genre", "song", "playlist"} <= set(play) and play["song"].open
+    assert repo_catalog.intents["reminder.create"].slots["text"].open
+    assert repo_catalog.intents["notebook.create_note"].slots["text"].open
+
+
+# -- values
+
+
+@pytest.mark.parametrize(
+    ("text", "locale", "placeholder", "value"),
+    [
+        ("set a timer for 1/2 an hour", "en", "duration", "PT30M"),
+        ("set a timer for 1 and a 1/2 hours", "en", "duration", "PT1H30M"),
+        ("timer for half an hour", "en", "duration", "PT30M"),
+        ("timer for an hour and a half", "en", "duration", "PT1H30M"),
+        ("поставь таймер на полтора часа", "ru", "duration", "PT1H30M"),
+        ("поставь таймер на полчаса", "ru", "duration", "PT30M"),
+        ("set the thermostat to 21", "en", "temperature", "21"),
+        ("make it seventy two degrees", "en", "temperature", "72"),
+        ("поставь двадцать один градус в спальне", "ru", "temperature", "21"),
+        ("set temperature to 30°", "en", "temperature", "30"),
+        ("make the kitchen light red", "en", "color", "red"),
+        ("сделай свет в спальне теплым", "ru", "color", "warm white"),
+        ("яркость на максимум", "ru", "number", "max"),
+        ("brightness to the lowest", "en", "number", "min"),
+        ("открой шторы наполовину", "ru", "number", "50"),
+    ],
+)
+def test_value_parsers(canon: Canonicalizer, text: str, locale: str, placeholder: str, value: str) -> None:
+    c = canon.canonicalize(text, locale)
+    got = [(e.placeholder, e.value) for e in c.entities]
+    assert (placeholder, value) in got, got
+
+
+def test_temperature_keeps_the_unit_said(canon: Canonicalizer) -> None:
+    c = canon.canonicalize("set it to seventy two degrees fahrenheit", "en")
+    kinds = {e.kind for e in c.entities if e.placeholder == "temperature"}
+    assert kinds == {"temperature.fahrenheit"}
+
+
+@pytest.mark.parametrize("text", ["play some blues", "pour me red wine", "купи белый хлеб", "включи теплый пол"])
+def test_colour_words_need_a_light_word(canon: Canonicalizer, text: str) -> None:
+    assert "color" not in {e.placeholder for e in canon.canonicalize(text).entities}
+
+
+def test_half_stays_a_time_or_duration(canon: Canonicalizer) -> None:
+    assert canon.canonicalize("wake me at half past six", "en").masked == "wake me at {time}"
+
+
+# -- slot checks
+
+
+def test_duration_seconds() -> None:
+    assert duration_seconds("PT1H30M") == 5400
+    assert duration_seconds("PT0S") == 0
+    assert duration_seconds("P1D") == 86400
+    assert duration_seconds("nonsense") is None
+
+
+def _decision(intent: str, conf: float = 0.95, alts: tuple[Candidate, ...] = ()) -> Decision:
+    return Decision(intent=intent, confidence=conf, outcome=Outcome.ACCEPT, via="neural", alternatives=alts)
+
+
+def test_range_and_extremes(repo_catalog: Any, canon: Canonicalizer) -> None:
+    bright = repo_catalog.intents["light.set_brightness"]
+    check = fill_slots(bright, canon.canonicalize("set the kitchen light to 250 percent", "en"), {})
+    assert [i["slot"] for i in check.invalid] == ["level"]
+    check = fill_slots(bright, canon.canonicalize("kitchen light to max", "en"), {})
+    assert check.slots["level"] == "100" and not check.invalid
+    timer = repo_catalog.intents["voice.timer.start"]
+    check = fill_slots(timer, canon.canonicalize("set a timer for 0 minutes", "en"), {})
+    assert [i["slot"] for i in check.invalid] == ["duration"]
+    temp = repo_catalog.intents["climate.set_temperature"]
+    ok = fill_slots(temp, canon.canonicalize("set the thermostat to seventy two degrees", "en"), {})
+    assert ok.slots["temperature"] == "72" and not ok.invalid  # Fahrenheit, 22 °C
+    hot = fill_slots(temp, canon.canonicalize("поставь термостат на 90 градусов", "ru"), {})
+    assert [i["slot"] for i in hot.invalid] == ["temperature"]
+
+
+def test_missing_required_slot(repo_catalog: Any, canon: Canonicalizer) -> None:
+    check = fill_slots(repo_catalog.intents["device.turn_on"], canon.canonicalize("turn it on", "en"), {})
+    assert check.missing == ("device",)
+
+
+def test_kind_conflict_drops_the_candidate(repo_catalog: Any, canon: Canonicalizer) -> None:
+    c = canon.canonicalize("set the tv to 50", "en")
+    proposal = _decision("light.set_brightness", 0.9, (Candidate("music.volume", 0.08),))
+    out = drop_kind_conflicts(proposal, repo_catalog, c)
+    assert out.intent == "music.volume"
+    assert out.confidence == pytest.approx(0.8, abs=1e-6)  # 0.08 of the 0.1 left
+    assert out.evidence["kind_conflicts"][0]["intent"] == "light.set_brightness"
+    same = drop_kind_conflicts(_decision("light.set_brightness"), repo_catalog, canon.canonicalize("dim the kitchen light to 20"))
+    assert same.intent == "light.set_brightness" and "kind_conflicts" not in same.evidence
+
+
+class _Fixed:
+    """A ranker stand-in that always proposes the same decision (the real ranker is tested elsewhere)."""
+
+    model_id = "fixed"
+    thresholds: dict[str, float] = {}
+
+    def __init__(self, decision: Decision) -> None:
+        self.decision = decision
+
+    def decide(self, canonical: Any) -> Decision:
+        return self.decision
+
+
+def test_pipeline_does_not_accept_an_out_of_range_value(repo_catalog: Any, canon: Canonicalizer) -> None:
+    pipe = Pipeline(repo_catalog, canon, regex=RegexStage(repo_catalog), ranker=_Fixed(_decision("light.set_brightness")))
+    res = pipe.parse("please make the kitchen light 250 percent bright", "en")
+    assert res.decision.intent == "light.set_brightness"
+    assert res.decision.outcome is Outcome.ABSTAIN and res.decision.reason == "invalid_slot_value"
+    assert res.invalid_slots == ("level",)
+
+
+def test_pipeline_never_turns_tv_volume_into_brightness(repo_catalog: Any, canon: Canonicalizer) -> None:
+    proposal = _decision("light.set_brightness", 0.93, (Candidate("music.volume", 0.06),))
+    pipe = Pipeline(repo_catalog, canon, regex=RegexStage(repo_catalog), ranker=_Fixed(proposal))
+    res = pipe.parse("set the TV volume to 50", "en")
+    assert res.decision.intent != "light.set_brightness"
