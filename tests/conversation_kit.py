@@ -115,6 +115,16 @@ INTENTS: dict[str, Any] = {
             ],
         },
         {
+            "intent": "light.dim",  # its rules are not anchored at the end: they match a prefix
+            "description": {"ru": "Приглушить свет", "en": "Dim a light"},
+            "slots": {"device": {"source": "device", "value": "ref", "required": True}},
+            "examples": {"ru": ["приглуши свет на кухне"], "en": ["dim the kitchen light"]},
+            "regex": [
+                _rule("dim_ru", "ru", r"^приглуши \{device\}"),
+                _rule("dim_en", "en", r"^dim the \{device\}"),
+            ],
+        },
+        {
             "intent": "weather.get",
             "description": {"ru": "Погода", "en": "Weather"},
             "examples": {"ru": ["какая погода"], "en": ["what is the weather"]},
@@ -178,6 +188,8 @@ SCRIPT: dict[str, list[tuple[str, float]]] = {
         ("device.turn_off", 0.50),
         ("weather.get", 0.30),
     ],
+    # A bare room means something on its own too; after a request it is that request's ellipsis.
+    "в {room}": [("weather.get", 0.90)],
     # A single request with "and" inside, confidently one intent: never split.
     "play rock and roll": [("music.play", 0.95)],
     # Two requests the ranker wrongly takes as one confident intent (0.9): the split (1.0, 1.0) wins.

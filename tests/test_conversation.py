@@ -241,6 +241,8 @@ def _ask(conv: Conversation, pipe: Pipeline, text: str, rid: str, scope: str | N
          [("device.turn_on", {"device": "device:light:kitchen_ceiling"}), ("device.turn_on", {"device": "device:light:bedroom_lamp"})]),  # noqa: E501
         ("turn on the kitchen light and the kettle",
          [("device.turn_on", {"device": "device:light:kitchen_ceiling"}), ("device.turn_on", {"device": "device:plug:kettle"})]),  # noqa: E501
+        ("приглуши свет на кухне и в спальне",  # a rule that matched only the first part does not win
+         [("light.dim", {"device": "device:light:kitchen_ceiling"}), ("light.dim", {"device": "device:light:bedroom_lamp"})]),  # noqa: E501
         ("включи свет на кухне и музыку",  # the verb carried over, to another intent
          [("device.turn_on", {"device": "device:light:kitchen_ceiling"}), ("music.play", {})]),
         ("set an alarm for 7:30, then set a timer for 10 minutes, and turn off the kitchen light",
@@ -256,6 +258,8 @@ def test_split_frames(pipe: Pipeline, text: str, frames: list[tuple[str, dict[st
 
 
 def test_no_split_when_the_whole_is_one_confident_request(pipe: Pipeline) -> None:
+    repeated = _ask(Conversation(), pipe, "отмени будильник, отмени будильник", "r0", None)
+    assert "segments" not in repeated  # one request said twice is not two requests
     for text in ("play rock and roll", "поставь будильник на 7:30", "включи свет на кухне"):
         wire = _ask(Conversation(), pipe, text, "r1", None)
         assert "segments" not in wire, text
@@ -404,6 +408,12 @@ async def test_http_explicit_cancel_of_a_recent_frame(client: TestClient) -> Non
     await parse(client, "поставь будильник на 7:30", session_id="c", request_id="a1")
     body = await parse(client, "отмени будильник", session_id="c", request_id="a2")
     assert body["top_intent"] == "alarm.cancel" and body["context"] == {"action": "cancel", "refers_to": "a1"}
+    await parse(client, "включи свет на кухне", session_id="c", request_id="a3")
+    other = await parse(client, "выключи ночник", session_id="c")  # the counterpart, but another device
+    assert other["top_intent"] == "device.turn_off" and other["context"] == {
+        "action": "start",
+        "refers_to": None,
+    }
 
 
 async def test_http_webspace_is_the_default_scope_and_sessions_do_not_leak(client: TestClient) -> None:

@@ -15,6 +15,8 @@ It wraps the single-utterance :class:`~skill.pipeline.Pipeline` from the outside
 
 from __future__ import annotations
 
+import itertools
+import re
 from typing import Any
 
 import msgspec
@@ -208,15 +210,19 @@ class Conversation:
         """The best split of the utterance, or the whole as one request."""
         single = [Turn(whole, Part(req.text, 0, len(req.text)), "start")]
         d = whole.decision
+        whole_score = (d.outcome, d.confidence if d.intent else 0.0)
         if d.outcome is Outcome.ACCEPT and d.confidence >= 1.0:
-            return single, 1  # a rule took the whole utterance: nothing can beat it
+            if _rule_covers(whole):
+                return single, 1  # a rule took the whole utterance: nothing can beat it
+            # A rule matched only a part ("включи {device}" in "включи {device} и в {room}"): it vouches
+            # for nothing else, so a split of accepted parts may still win.
+            whole_score = (Outcome.ACCEPT, pipeline.gate_config.accept)
         cuts = find_cuts(req.text, locale, self.max_cuts)
         if not cuts:
             return single, 1
         lex = lexicon(locale)
         memo: dict[tuple[int, int], ParseResult] = {}
         carried: dict[tuple[int, int, int, int], Rewrite | None] = {}
-        whole_score = (d.outcome, d.confidence)
         reject = pipeline.gate_config.reject
         best: tuple[float, list[tuple[Part, ParseResult, str | None]]] | None = None
         for parts in plans(req.text, cuts, locale):
@@ -226,11 +232,13 @@ class Conversation:
                 if r is None:
                     r = memo[(p.start, p.end)] = pipeline.parse(p.text, locale, req.entities, fallback=False)
                 rewritten = None
+                own = r.decision.outcome is Outcome.ACCEPT
                 if (
-                    r.decision.outcome is not Outcome.ACCEPT
-                    and i
+                    i
                     and got[-1][1].decision.outcome is Outcome.ACCEPT
+                    and not (own and not is_slot_only(r.canonical, lex))
                 ):
+                    # an elliptical part leans on the part before it first, even if it means something alone
                     prev_part, prev = got[-1][0], got[-1][1]
                     key = (prev_part.start, prev_part.end, p.start, p.end)
                     if key not in carried:
@@ -249,7 +257,7 @@ class Conversation:
                     break  # the weakest part decides: this split cannot win any more
                 if whole_score[0] is Outcome.ACCEPT and r.decision.outcome is not Outcome.ACCEPT:
                     break
-            if len(got) < len(parts):
+            if len(got) < len(parts) or _repeats(got):
                 continue
             score = joint_confidence(
                 [
@@ -311,8 +319,14 @@ class Conversation:
         d = result.decision
         if d.outcome is Outcome.ACCEPT:
             ref = next(
-                (f for f in snap.frames if cancel_intent_of(pipeline.catalog, f.intent) == d.intent), None
-            )
+                (
+                    f
+                    for f in snap.frames
+                    if cancel_intent_of(pipeline.catalog, f.intent) == d.intent
+                    and _compatible(d.slots, f.slots)
+                ),
+                None,
+            )  # "отмени будильник" after "поставь будильник на семь"; not "выключи телевизор" after the light
             if ref is not None:
                 return msgspec.structs.replace(turn, result=result, action="cancel", refers_to=ref.request_id)
             action = "cancel" if d.intent in GENERIC_CANCEL else "start"
@@ -352,6 +366,35 @@ class Conversation:
         if pending is not None:
             pending = msgspec.structs.replace(pending, request_id=req.request_id, at=now)
         self.store.update(req.scope, frames, pending)
+
+
+def _repeats(got: list[tuple[Part, ParseResult, str | None]]) -> bool:
+    """Two neighbours with the same frame are one request said twice ("отмени, отмени это"), not two."""
+    for (_, a, _), (_, b, _) in itertools.pairwise(got):
+        da, db = a.decision, b.decision
+        if (
+            da.outcome is Outcome.ACCEPT
+            and db.outcome is Outcome.ACCEPT
+            and (da.intent, da.slots) == (db.intent, db.slots)
+        ):
+            return True
+    return False
+
+
+def _compatible(slots: dict[str, Any], frame_slots: dict[str, Any]) -> bool:
+    """No slot the two share has different values."""
+    return all(frame_slots[k] == v for k, v in slots.items() if k in frame_slots)
+
+
+def _rule_covers(result: ParseResult) -> bool:
+    """Whether the regex rule that decided matched the whole masked text (rules are searched)."""
+    pattern = result.decision.evidence.get("pattern")
+    if result.decision.via != "regex" or not isinstance(pattern, str):
+        return True
+    try:
+        return re.fullmatch(pattern, result.canonical.masked) is not None
+    except re.error:
+        return True
 
 
 def _accepted_as(result: ParseResult, intent: str | None) -> bool:

@@ -261,7 +261,11 @@ class FollowUps:
             return None
         spec = catalog.intents[counterpart]
         declared = {s.source or name for name, s in spec.slots.items()}
-        wanted = sorted(e.placeholder for e in frame.canonical.entities if e.placeholder in declared)
+        values = {str(v) for v in frame.slots.values()}
+        filled = [
+            e for e in frame.canonical.entities if {e.ref, e.value, e.text} & values
+        ]  # the frame's slots
+        wanted = sorted(e.placeholder for e in filled if e.placeholder in declared)
         templates = self._cancel_templates(pipeline, counterpart, frame.canonical.locale)
         full = [t for t in templates if sorted(e.placeholder for e in t.entities) == wanted]
         bare = [t for t in templates if not t.entities] if wanted else []
@@ -269,17 +273,13 @@ class FollowUps:
             edits, pins, taken = [], [], set()
             for ent in template.entities:
                 src = next(
-                    (
-                        i
-                        for i, f in enumerate(frame.canonical.entities)
-                        if f.placeholder == ent.placeholder and i not in taken
-                    ),
+                    (i for i, f in enumerate(filled) if f.placeholder == ent.placeholder and i not in taken),
                     None,
                 )
                 if src is None:
                     break
                 taken.add(src)
-                value = frame.canonical.entities[src]
+                value = filled[src]
                 edits.append((ent.start, ent.end, value.text))
                 if value.ref:
                     pins.append(_pin(value.ref, value.kind, value.text))
@@ -288,7 +288,7 @@ class FollowUps:
                 result = pipeline.parse(text, template.locale, _hub(pins), fallback=False)
                 d = result.decision
                 if d.outcome is Outcome.ACCEPT and d.intent == counterpart:
-                    kept = {k: v for k, v in frame.slots.items() if k in spec.slots and k not in d.slots}
+                    kept = {k: v for k, v in frame.slots.items() if k in spec.slots}  # the frame's values win
                     return Rewrite(with_slots(result, {**d.slots, **kept}), text)
         return None
 
