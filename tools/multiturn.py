@@ -60,6 +60,7 @@ class Session(msgspec.Struct, frozen=True):
     session: str
     turns: list[Turn]
     locale: str | None = None
+    split: str = "dev"  # "dev": written with the code; "fresh": written after it, run once
 
 
 def read_sessions(path: Path) -> list[Session]:
@@ -118,6 +119,8 @@ def evaluate_sessions(pipeline: Pipeline, sessions: list[Session]) -> dict[str, 
     single_turns = single_splits = 0
     failures = []
     by_locale: dict[str, list[bool]] = defaultdict(list)
+    by_split: dict[str, list[bool]] = defaultdict(list)
+    follow_by_split: dict[str, list[bool]] = defaultdict(list)
     for s in sessions:
         for i, turn in enumerate(s.turns):
             rid = f"{s.session}-{i}"
@@ -125,9 +128,11 @@ def evaluate_sessions(pipeline: Pipeline, sessions: list[Session]) -> dict[str, 
             res = score_turn(to_wire(answer, pipeline.gate_config.accept, rid), turn)
             per_pos[i + 1].append(res["frames_ok"])
             by_locale[s.locale or "?"].append(res["frames_ok"])
+            by_split[s.split].append(res["frames_ok"])
             actions.append(res["action_ok"])
             if turn.action in ("update", "cancel"):
                 follow.append(res["frames_ok"] and res["action_ok"])
+                follow_by_split[s.split].append(res["frames_ok"] and res["action_ok"])
             expected += res["expected_requests"]
             covered += res["covered"]
             if res["expected_requests"] <= 1:
@@ -142,7 +147,11 @@ def evaluate_sessions(pipeline: Pipeline, sessions: list[Session]) -> dict[str, 
         "frame_accuracy": _rate(every),
         "frame_accuracy_per_turn": {str(k): _rate(v) | {"n": len(v)} for k, v in sorted(per_pos.items())},
         "frame_accuracy_per_locale": {k: _rate(v) | {"n": len(v)} for k, v in sorted(by_locale.items())},
+        "frame_accuracy_per_split": {k: _rate(v) | {"n": len(v)} for k, v in sorted(by_split.items())},
         "follow_up_frames": _rate(follow) | {"n": len(follow)},
+        "follow_up_frames_per_split": {
+            k: _rate(v) | {"n": len(v)} for k, v in sorted(follow_by_split.items())
+        },
         "action_accuracy": _rate(actions),
         "segment_recall": {
             "covered": covered,
@@ -247,12 +256,20 @@ def main(argv: list[str] | None = None) -> int:
 def _summary(r: dict[str, Any]) -> str:
     lines = [
         f"model {r['model_id']}: {r['sessions']} sessions, {r['turns']} turns",
-        f"frame accuracy {r['frame_accuracy']['rate'] * 100:.1f} % ({r['frame_accuracy']['right']}/{r['turns']}); "
+        f"frame accuracy {r['frame_accuracy']['rate'] * 100:.1f} % "
+        f"({r['frame_accuracy']['right']}/{r['turns']}); "
         + ", ".join(
             f"turn {k}: {v['rate'] * 100:.1f} % of {v['n']}" for k, v in r["frame_accuracy_per_turn"].items()
         ),
         f"follow-up frames {r['follow_up_frames']['rate'] * 100:.1f} % of {r['follow_up_frames']['n']}; "
         f"actions {r['action_accuracy']['rate'] * 100:.1f} %",
+        "per split: "
+        + "; ".join(
+            f"{k}: frames {v['rate'] * 100:.1f} % of {v['n']}, follow-ups "
+            f"{r['follow_up_frames_per_split'].get(k, {}).get('rate', 0) * 100:.1f} % of "
+            f"{r['follow_up_frames_per_split'].get(k, {}).get('n', 0)}"
+            for k, v in r["frame_accuracy_per_split"].items()
+        ),
         f"segment recall {r['segment_recall']['rate'] * 100:.1f} % "
         f"({r['segment_recall']['covered']}/{r['segment_recall']['expected']})",
         f"false splits in the file: {r['false_splits_in_file']['split']} of "
