@@ -52,6 +52,9 @@ def detected(req: IntentRequest, reply: ServiceReply, verdict: Verdict) -> dict[
         "_raw": dict(reply.raw),
         "_meta": _meta(req),
     }
+    missing = reply.raw.get("missing_slots")
+    if missing:
+        payload["missing_slots"] = list(missing)  # required slots nothing filled: the hub may ask
     return _conversation(req, payload)
 
 

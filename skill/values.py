@@ -366,7 +366,10 @@ class ValueParser:
             return None
         j = num.end
         degree = j < n and (_has(self._degrees, c.lems[j]) or words[j] == "°")
-        if not degree and not (context and i > 0 and words[i - 1] in self._temp_preps):
+        prev = c.lems[i - 1] if i > 0 else ("",)
+        # "thermostat to 21", "термостат 22", «градусов двадцать»: a temperature word or its preposition
+        after_cue = i > 0 and (words[i - 1] in self._temp_preps or _has(self._temp_ctx, prev))
+        if not degree and not (context and after_cue):
             return None
         kind = "temperature"
         for k in range(j, min(n, j + 3)):

@@ -247,3 +247,18 @@ def test_pipeline_never_turns_tv_volume_into_brightness(repo_catalog: Any, canon
     pipe = Pipeline(repo_catalog, canon, regex=RegexStage(repo_catalog), ranker=_Fixed(proposal))
     res = pipe.parse("set the TV volume to 50", "en")
     assert res.decision.intent != "light.set_brightness"
+
+
+def test_bridge_event_carries_missing_slots() -> None:
+    from adaos_bridge import events
+    from adaos_bridge.client import ServiceReply
+    from adaos_bridge.gates import Verdict
+    from adaos_bridge.intake import IntentRequest
+
+    req = IntentRequest(text="turn it on", webspace_id="desktop", request_id="r1")
+    raw = {"top_intent": "device.turn_on", "confidence": 0.9, "slots": {}, "missing_slots": ["device"]}
+    reply = ServiceReply(top_intent="device.turn_on", confidence=0.9, raw=raw)
+    verdict = Verdict(status="accept", reason="", trace_status="hit", intent="device.turn_on", confidence=0.9)
+    assert events.detected(req, reply, verdict)["missing_slots"] == ["device"]
+    full = ServiceReply(top_intent="device.turn_on", confidence=0.9, raw={**raw, "missing_slots": []})
+    assert "missing_slots" not in events.detected(req, full, verdict)
