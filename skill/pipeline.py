@@ -109,16 +109,18 @@ class Pipeline:
         hub_entities: dict[str, Any] | None = None,
         *,
         fallback: bool = True,
+        model: bool = True,
     ) -> ParseResult:
         """Run every stage that is needed and return the final decision.
 
-        ``fallback=False`` stops before the slow LLM stage (the conversation layer's split search).
+        ``fallback=False`` stops before the slow LLM stage, ``model=False`` after the rules (the
+        conversation layer's split search).
         """
         traces: list[StageTrace] = []
         started = time.perf_counter()
         canonical = self.canonicalizer.canonicalize(text, locale, hub_entities)
         traces.append(StageTrace("canonicalize", "ok", round((time.perf_counter() - started) * 1000.0, 3)))
-        final = self._decide(canonical, traces, fallback)
+        final = self._decide(canonical, traces, fallback, model)
         intent = self.catalog.intents.get(final.intent) if final.intent else None
         evidence = dict(final.evidence)
         evidence.setdefault("canonicalized_text", canonical.masked)
@@ -181,15 +183,19 @@ class Pipeline:
             )
         return out
 
-    def _decide(self, canonical: Canonical, traces: list[StageTrace], use_llm: bool = True) -> Decision:
+    def _decide(
+        self, canonical: Canonical, traces: list[StageTrace], use_llm: bool = True, use_model: bool = True
+    ) -> Decision:
         if self.regex is not None:
             started = time.perf_counter()
             hit = self.regex.decide(canonical)
             if conflicts := kind_conflicts(self.catalog.intents.get(hit.intent or ""), canonical):
                 hit = Decision.abstain("regex", "kind_conflict", {"kind_conflicts": conflicts})
             traces.append(_trace("regex", hit, started))
-            if hit.outcome is Outcome.ACCEPT:
+            if hit.outcome is Outcome.ACCEPT or not use_model:
                 return hit
+        if not use_model:
+            return Decision.abstain("regex", "no_rules")
         if self.ranker is None:
             return Decision.abstain("neural", "model_not_loaded")
         started = time.perf_counter()

@@ -529,6 +529,11 @@ async def test_http_split_search_costs_are_bounded(
     client = await aiohttp_client(create_app(state))
     await parse(client, "поставь будильник на 7:30")
     assert ranker.calls == []  # a rule took the whole: no split search, no ranker
+    two = await parse(client, "выключи свет на кухне и поставь будильник на 7:30")
+    assert len(two["segments"]) == 2 and ranker.calls == []  # rules took every part: the ranker never ran
+    await parse(client, "выключи свет на кухне и узнай погоду на даче")
+    assert ranker.calls[0] == "выключи {device} и узнай погоду на даче"  # now the whole's view is needed
+    ranker.calls.clear()
     text = "включи свет и музыку и таймер и будильник и погоду и ещё что-нибудь и снова"
     await parse(client, text)
     assert len(ranker.calls) <= 1 + 15 + 15  # the whole, at most 15 spans of 4 cuts, their carry-overs

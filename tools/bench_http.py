@@ -5,6 +5,11 @@ the process's resident memory after start, then per-request latency (sequential,
 for regex-path and model-path utterances. Loopback only; bounded in count and time.
 
     python -m tools.bench_http [--requests 2000] [--out bench_out/http.json]
+    python -m tools.bench_http --segments [--config FILE]   # single vs two-request utterances
+
+``--segments`` adds the conversation layer's case: the same requests said one per utterance and two
+per utterance (``segments`` in the answer). ``--config`` is passed to the service (e.g. a file with
+``segment_max_cuts: 0`` and ``session_ttl_s: 0`` for the layer's split search and context turned off).
 """
 
 from __future__ import annotations
@@ -38,6 +43,24 @@ MODEL_PATH = [
     "whats the forecast looking like for paris",
     "вруби какую нибудь музыку повеселее",
     "i'd like to hear something funny",
+]
+
+# The conversation layer: requests one per utterance, then two per utterance (each answer is split).
+SINGLE_REQUEST = [
+    "выключи свет на кухне",
+    "поставь будильник на семь",
+    "turn off the kitchen light",
+    "set an alarm for seven",
+    "поставь таймер на пять минут",
+    "включи музыку",
+]
+TWO_REQUESTS = [
+    "выключи свет на кухне и поставь будильник на семь",
+    "turn off the kitchen light and set an alarm for seven",
+    "поставь таймер на пять минут и включи музыку",
+    "set a timer for ten minutes and turn on the kitchen light",
+    "сделай музыку погромче и выключи свет на кухне",
+    "включи чайник, а ещё поставь будильник на восемь",
 ]
 
 
@@ -103,7 +126,9 @@ async def measure(url: str, texts: list[str], count: int) -> tuple[list[float], 
             lat.append((time.perf_counter() - t0) * 1000.0)
             if resp.status != 200:
                 raise RuntimeError(f"{resp.status}: {body}")
-            key = f"{body['via']}/{body['decision']}"
+            key = f"{body['via']}/{body['decision']}" + (
+                f"/{len(body['segments'])}seg" if "segments" in body else ""
+            )
             seen[key] = seen.get(key, 0) + 1
     return lat, seen
 
@@ -116,6 +141,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "skill", "--port", str(port), "--log-level", "WARNING"]
     if args.models_dir:
         cmd += ["--models-dir", args.models_dir]
+    if args.config:
+        cmd += ["--config", args.config]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).resolve().parent.parent)
     try:
@@ -128,6 +155,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await measure(url, REGEX_PATH + MODEL_PATH, 100)  # warm-up
         regex_lat, regex_seen = await measure(url, REGEX_PATH, args.requests)
         model_lat, model_seen = await measure(url, MODEL_PATH, args.requests)
+        segments: dict[str, Any] = {}
+        if args.segments:
+            one_lat, one_seen = await measure(url, SINGLE_REQUEST, args.requests)
+            two_lat, two_seen = await measure(url, TWO_REQUESTS, args.requests)
+            segments = {
+                "single_request": {**summarize(one_lat), "outcomes": one_seen},
+                "two_requests": {**summarize(two_lat), "outcomes": two_seen},
+                "two_over_single_p50": round(
+                    summarize(two_lat)["p50_ms"] / max(1e-9, summarize(one_lat)["p50_ms"]), 3
+                ),
+            }
         rss_end = rss_mb(proc.pid)
     finally:
         proc.terminate()
@@ -143,6 +181,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "rss_mb_after_run": round(rss_end, 1),
         "regex_path": {**summarize(regex_lat), "outcomes": regex_seen},
         "model_path": {**summarize(model_lat), "outcomes": model_seen},
+        **({"segments": segments} if segments else {}),
         "exit_code_after_sigterm": code,
         "command": "python -m tools.bench_http " + " ".join(sys.argv[1:]),
     }
@@ -154,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=2000, help="requests per path (max 20000)")
     parser.add_argument("--models-dir", help="model artifact root (default: the embedded models)")
     parser.add_argument("--out", help="write the JSON report here")
+    parser.add_argument("--segments", action="store_true", help="also single vs two-request utterances")
+    parser.add_argument("--config", help="config file for the service (passed as --config)")
     args = parser.parse_args(argv)
     args.requests = max(10, min(args.requests, 20000))
     report = asyncio.run(run(args))

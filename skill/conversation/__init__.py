@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -29,9 +30,10 @@ from . import clarify as clar
 from .context import Frame, Pending, SessionStore, Snapshot
 from .followup import Ambiguous, FollowUps, Rewrite, cancel_intent_of, is_bare_cancel, is_slot_only
 from .lexicon import GENERIC_CANCEL, Lexicon, lexicon
-from .segment import Part, find_cuts, joint_confidence, plans
+from .segment import Cut, Part, find_cuts, joint_confidence, plans
 
 _VERBLESS_WORDS = 3  # a part this short may borrow the verb of the part before it
+_BELOW_ONE = 1.0 - 1e-9  # "every part taken by a rule": the rules-only pass of the split search
 
 __all__ = ["Answer", "Conversation", "Request", "SessionStore", "Turn", "audit_info", "scope_of", "to_wire"]
 
@@ -111,20 +113,34 @@ class Conversation:
         """All the requests of one utterance, decided, with their context; updates the session."""
         locale = req.locale or detect_locale(req.text)
         snap = self.store.get(req.scope)
-        whole = pipeline.parse(req.text, locale, req.entities, fallback=False)
+        cuts = find_cuts(req.text, locale, self.max_cuts)
+        full: list[ParseResult] = []
+
+        def whole() -> ParseResult:
+            if not full:
+                full.append(pipeline.parse(req.text, locale, req.entities, fallback=False))
+            return full[0]
+
+        # With split points, the rules first: when they take the whole utterance, or every part of a
+        # split, the ranker never runs on the whole (two requests cost their parts, not three parses).
+        rules = (
+            pipeline.parse(req.text, locale, req.entities, fallback=False, model=False) if cuts else whole()
+        )
+        if rules.decision.outcome is Outcome.ACCEPT and not full:
+            full.append(rules)  # an accepted rule is the whole pipeline's answer
         part = Part(req.text, 0, len(req.text))
-        parses = 1
         turns: list[Turn] | None = None
         if snap.pending is not None:
-            found = self._answer_pending(pipeline, whole, part, snap.pending)
+            found = self._answer_pending(pipeline, whole(), part, snap.pending)
             turns = [found] if found is not None else None
         if turns is None and snap.frames:
-            found = self._follow_up(pipeline, whole, part, snap)
+            found = self._follow_up(pipeline, rules if cuts else whole(), part, snap)
             turns = [found] if found is not None else None
+        parses = 0
         if turns is None:
-            turns, parses = self._segments(pipeline, req, whole, locale)
+            turns, parses = self._segments(pipeline, req, rules, whole, locale=locale, cuts=cuts)
             turns = [self._decide_action(pipeline, t, snap, req) for t in turns]
-        answer = Answer(tuple(turns), req.scope, parses)
+        answer = Answer(tuple(turns), req.scope, len(full) + bool(cuts) + parses)
         self._remember(req, answer)
         return answer
 
@@ -205,39 +221,104 @@ class Conversation:
         return Turn(result, part, "noop", frame.request_id, "slot_update", question, pending)
 
     def _segments(
-        self, pipeline: Pipeline, req: Request, whole: ParseResult, locale: str
+        self,
+        pipeline: Pipeline,
+        req: Request,
+        rules: ParseResult,
+        whole: Callable[[], ParseResult],
+        *,
+        locale: str,
+        cuts: list[Cut],
     ) -> tuple[list[Turn], int]:
-        """The best split of the utterance, or the whole as one request."""
-        single = [Turn(whole, Part(req.text, 0, len(req.text)), "start")]
-        d = whole.decision
-        whole_score = (d.outcome, d.confidence if d.intent else 0.0)
-        if d.outcome is Outcome.ACCEPT and d.confidence >= 1.0:
-            if _rule_covers(whole):
-                return single, 1  # a rule took the whole utterance: nothing can beat it
-            # A rule matched only a part ("включи {device}" in "включи {device} и в {room}"): it vouches
-            # for nothing else, so a split of accepted parts may still win.
-            whole_score = (Outcome.ACCEPT, pipeline.gate_config.accept)
-        cuts = find_cuts(req.text, locale, self.max_cuts)
+        """The best split of the utterance, or the whole as one request; and the parts' parse count."""
+        d = rules.decision
+        if d.outcome is Outcome.ACCEPT and _rule_covers(rules):
+            return [Turn(rules, Part(req.text, 0, len(req.text)), "start")], 0  # nothing can beat a rule
         if not cuts:
-            return single, 1
-        lex = lexicon(locale)
+            return [Turn(whole(), Part(req.text, 0, len(req.text)), "start")], 0
         memo: dict[tuple[int, int], ParseResult] = {}
         carried: dict[tuple[int, int, int, int], Rewrite | None] = {}
+        # Pass 1, rules only: a split whose every part a rule takes (1.0) beats anything the ranker
+        # could say of the whole, so the whole's ranker call is spared.
+        rule_memo: dict[tuple[int, int], ParseResult] = {}
+
+        def by_rules(p: Part) -> ParseResult:
+            if (p.start, p.end) not in rule_memo:
+                rule_memo[(p.start, p.end)] = pipeline.parse(
+                    p.text, locale, req.entities, fallback=False, model=False
+                )
+            return rule_memo[(p.start, p.end)]
+
+        best = self._search(
+            pipeline,
+            req.text,
+            cuts,
+            locale=locale,
+            parse=by_rules,
+            whole_score=(Outcome.ACCEPT, _BELOW_ONE),
+            carried=carried,
+        )
+        if best is None:
+            for key, r in rule_memo.items():  # an accepted rule is the full pipeline's answer too
+                if r.decision.outcome is Outcome.ACCEPT:
+                    memo[key] = r
+
+            def by_pipeline(p: Part) -> ParseResult:
+                if (p.start, p.end) not in memo:
+                    memo[(p.start, p.end)] = pipeline.parse(p.text, locale, req.entities, fallback=False)
+                return memo[(p.start, p.end)]
+
+            w = whole()
+            wd = w.decision
+            whole_score = (wd.outcome, wd.confidence if wd.intent else 0.0)
+            if wd.outcome is Outcome.ACCEPT and wd.confidence >= 1.0:
+                # A rule matched only a part ("включи {device}" in "включи {device} и в {room}"): it
+                # vouches for nothing else, so a split of accepted parts may still win.
+                whole_score = (Outcome.ACCEPT, pipeline.gate_config.accept)
+            best = self._search(
+                pipeline,
+                req.text,
+                cuts,
+                locale=locale,
+                parse=by_pipeline,
+                whole_score=whole_score,
+                carried=carried,
+            )
+        parses = len(rule_memo) + len(set(memo) - set(rule_memo)) + sum(1 for v in carried.values() if v)
+        if best is None:
+            return [Turn(whole(), Part(req.text, 0, len(req.text)), "start")], parses
+        turns = []
+        for idx, (p, r, rewritten) in enumerate(best):
+            if rewritten is not None:
+                noted = _note(r, rewritten_text=rewritten, carried_from=idx - 1)
+                turns.append(Turn(noted, p, "start", None, "carry_over"))
+            else:
+                turns.append(Turn(r, p, "start"))
+        return turns, parses
+
+    def _search(
+        self,
+        pipeline: Pipeline,
+        text: str,
+        cuts: list[Cut],
+        *,
+        locale: str,
+        parse: Callable[[Part], ParseResult],
+        whole_score: tuple[Outcome, float],
+        carried: dict[tuple[int, int, int, int], Rewrite | None],
+    ) -> list[tuple[Part, ParseResult, str | None]] | None:
+        """The split with the highest joint confidence (fewer parts on a tie), or None."""
+        lex = lexicon(locale)
         reject = pipeline.gate_config.reject
         best: tuple[float, list[tuple[Part, ParseResult, str | None]]] | None = None
-        for parts in plans(req.text, cuts, locale):
+        for parts in plans(text, cuts, locale):
             got: list[tuple[Part, ParseResult, str | None]] = []
             for i, p in enumerate(parts):
-                r = memo.get((p.start, p.end))
-                if r is None:
-                    r = memo[(p.start, p.end)] = pipeline.parse(p.text, locale, req.entities, fallback=False)
+                r = parse(p)
                 rewritten = None
                 own = r.decision.outcome is Outcome.ACCEPT
-                if (
-                    i
-                    and got[-1][1].decision.outcome is Outcome.ACCEPT
-                    and not (own and not is_slot_only(r.canonical, lex))
-                ):
+                prev_ok = i and got[-1][1].decision.outcome is Outcome.ACCEPT
+                if prev_ok and not (own and not is_slot_only(r.canonical, lex)):
                     # an elliptical part leans on the part before it first, even if it means something alone
                     prev_part, prev = got[-1][0], got[-1][1]
                     key = (prev_part.start, prev_part.end, p.start, p.end)
@@ -269,17 +350,7 @@ class Conversation:
             )
             if score is not None and (best is None or score > best[0]):
                 best = (score, got)
-        parses = 1 + len(memo) + sum(1 for v in carried.values() if v is not None)
-        if best is None:
-            return single, parses
-        turns = []
-        for idx, (p, r, rewritten) in enumerate(best[1]):
-            if rewritten is not None:
-                noted = _note(r, rewritten_text=rewritten, carried_from=idx - 1)
-                turns.append(Turn(noted, p, "start", None, "carry_over"))
-            else:
-                turns.append(Turn(r, p, "start"))
-        return turns, parses
+        return best[1] if best is not None else None
 
     def _carry(
         self, pipeline: Pipeline, canonical: Canonical, prev: ParseResult, lex: Lexicon
