@@ -1,14 +1,22 @@
-"""Local LLM fallback: llama.cpp, grammar-constrained to the catalog, one generation at a time, in budget."""
+"""Local LLM fallback: llama.cpp scores the ranker's candidates against a cached few-shot prefix.
+
+The model never generates. A prefix of catalog examples (``<utterance> => <intent>`` lines, see
+:mod:`skill.llm_prompt`) is evaluated once at load and kept in the KV cache, copied to one sequence
+per candidate slot. A request is ONE batch: the utterance's tokens (in every sequence) and a token
+trie of the candidates' continuations (each in its own sequence), with logits only where a
+continuation token is read. The log-likelihoods, normalised over the candidates and "none", go
+through the fitted confidence map, and the decision through the same gate as the ranker's. One
+scoring step at a time, inside the budget; a late answer is dropped, never emitted.
+"""
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -17,30 +25,29 @@ from .canonicalize import Canonical
 from .catalog import Catalog
 from .config import Config
 from .decision import Candidate, Decision, Outcome
-from .llm_grammar import (
-    ANSWER_OPEN,
+from .llm_prompt import (
+    END,
     NONE,
-    AnswerShape,
+    BatchPlan,
     LlmSettings,
-    NameStep,
-    fixed_prompt,
-    gbnf,
+    calibrated_shares,
+    continuation,
+    fewshot_prefix,
+    labels,
     llm_features,
-    matched_examples,
-    name_probabilities,
-    parse_answer,
-    progress,
-    request_prompt,
+    normalise,
+    plan_batch,
+    request_line,
 )
 from .scoring import calibrate
 
-if TYPE_CHECKING:
-    from llama_cpp import Llama
-
 _LOGGER = logging.getLogger(__name__)
 VIA = "llm"
-_SENTINEL = "\u2063REQUEST\u2063"  # marks where the per-request text goes inside the chat template
-_MIN_REQUEST_TOKENS = 256
+ANCHOR = "=>"  # continuations are tokenized after this, as they follow it in the prompt
+
+
+class LlmOff(RuntimeError):
+    """The calibration found that the model does not reach its precision target: the stage stays off."""
 
 
 class _Timeout(Exception):
@@ -48,75 +55,185 @@ class _Timeout(Exception):
 
 
 class _TooLong(Exception):
-    """The request does not fit the context after the cached prefix."""
+    """The request does not fit the context, the batch or the request limit."""
 
 
-class _Generation(msgspec.Struct, frozen=True):
-    """The raw result of one constrained generation."""
+class Scores(msgspec.Struct, frozen=True):
+    """One scoring step: the candidates' log-likelihoods and what the batch cost."""
 
-    output: bytes
-    steps: tuple[NameStep, ...]
-    prompt_tokens: int
-    generated_tokens: int
-    forced_tokens: int
+    names: tuple[str, ...]
+    logliks: tuple[float, ...]
+    request_tokens: int
+    batch_tokens: int
+    logit_rows: int
+
+
+class Engine:
+    """One llama.cpp model and context: the cached prefix in every sequence, one batch per request."""
+
+    def __init__(self, path: Path) -> None:
+        import llama_cpp  # noqa: PLC0415 - optional dependency
+        from llama_cpp._internals import LlamaModel  # noqa: PLC0415 - the pinned 0.3.36 wrapper
+
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load chatter
+        self._lc = lc = llama_cpp
+        lc.llama_backend_init()
+        self.model = LlamaModel(path_model=str(path), params=lc.llama_model_default_params(), verbose=False)
+        self.vocab = self.model.vocab
+        self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
+        self.ctx: Any = None
+        self.batch: Any = None
+        self.mem: Any = None
+        self.n_ctx = self.n_seq = self.n_batch = self.max_outputs = 0
+        self.prefix: list[int] = []
+
+    def start(self, settings: LlmSettings, threads: int, n_seq: int, max_outputs: int) -> None:
+        """Create the context: ``n_seq`` sequences, logits for at most ``max_outputs`` rows a batch."""
+        lc = self._lc
+        self.n_seq = n_seq
+        self.n_batch = settings.n_batch
+        self.max_outputs = min(max_outputs, settings.n_batch)
+        params = lc.llama_context_default_params()
+        params.n_ctx = settings.n_ctx
+        params.n_batch = params.n_ubatch = settings.n_batch
+        params.n_seq_max = n_seq
+        params.n_outputs_max = self.max_outputs  # the logits buffer: rows x n_vocab floats
+        params.kv_unified = True  # the sequences share the prefix's cells instead of copies
+        params.swa_full = True  # sliding-window layers keep the prefix when a request is dropped
+        params.n_threads = params.n_threads_batch = threads
+        params.no_perf = True
+        self.ctx = lc.llama_init_from_model(self.model.model, params)
+        if not self.ctx:
+            raise ValueError(
+                f"llama.cpp could not create a context (n_ctx={settings.n_ctx}, {n_seq} sequences)"
+            )
+        self.n_ctx = int(lc.llama_n_ctx(self.ctx))
+        self.mem = lc.llama_get_memory(self.ctx)
+        self.batch = lc.llama_batch_init(settings.n_batch, 0, n_seq)
+
+    def close(self) -> None:
+        """Free the batch, the context and the model (idempotent)."""
+        if self.batch is not None:
+            self._lc.llama_batch_free(self.batch)
+            self.batch = None
+        if self.ctx:
+            self._lc.llama_free(self.ctx)
+            self.ctx = None
+        self.model.close()
+
+    def tokenize(self, text: str, bos: bool = False) -> list[int]:
+        return list(self.model.tokenize(text.encode(), bos and self.model.add_bos_token(), False))
+
+    def tokens_after(self, anchor: str, text: str) -> list[int]:
+        """``text``'s tokens as they come after ``anchor`` (a SentencePiece space prefix stays with it)."""
+        head = self.tokenize(anchor)
+        both = self.tokenize(anchor + text)
+        return both[len(head) :] if both[: len(head)] == head else self.tokenize(text)
+
+    def _decode(
+        self, tokens: Sequence[int], pos: Sequence[int], seqs: Sequence[Sequence[int]], logits: Sequence[bool]
+    ) -> None:
+        b = self.batch
+        b.n_tokens = len(tokens)
+        for i, tok in enumerate(tokens):
+            b.token[i] = tok
+            b.pos[i] = pos[i]
+            b.n_seq_id[i] = len(seqs[i])
+            for j, s in enumerate(seqs[i]):
+                b.seq_id[i][j] = s
+            b.logits[i] = bool(logits[i])
+        code = self._lc.llama_decode(self.ctx, b)
+        if code != 0:
+            raise RuntimeError(f"llama_decode returned {code}")
+
+    def eval_prefix(self, prefix: Sequence[int], check: Callable[[], None] | None = None) -> None:
+        """Evaluate the prefix from an empty cache into sequence 0 and share it with every sequence."""
+        self._lc.llama_memory_clear(self.mem, True)
+        for i in range(0, len(prefix), self.n_batch):
+            if check is not None:
+                check()
+            chunk = prefix[i : i + self.n_batch]
+            self._decode(chunk, range(i, i + len(chunk)), [(0,)] * len(chunk), [False] * len(chunk))
+        for s in range(1, self.n_seq):
+            self._lc.llama_memory_seq_cp(self.mem, 0, s, -1, -1)
+        self.prefix = list(prefix)
+
+    def rewind(self, check: Callable[[], None] | None = None) -> None:
+        """Drop every sequence's tokens after the prefix (the previous request's)."""
+        n = len(self.prefix)
+        if all(self._lc.llama_memory_seq_rm(self.mem, s, n, -1) for s in range(self.n_seq)):
+            return
+        _LOGGER.debug("prefix cache miss: re-evaluating %d tokens", n)  # e.g. recurrent models
+        self.eval_prefix(self.prefix, check)
+
+    def score(self, plan: BatchPlan) -> list[float]:
+        """Evaluate the plan in one batch; the log-likelihood of each candidate's continuation."""
+        self._decode(plan.tokens, plan.pos, plan.seq_ids, plan.logits)
+        rows: dict[int, tuple[np.ndarray, float]] = {}
+        out = []
+        for reads in plan.reads:
+            total = 0.0
+            for row, tok in reads:
+                if row not in rows:
+                    rows[row] = self.log_norm(row)
+                logits, norm = rows[row]
+                total += float(logits[tok]) - norm
+            out.append(total)
+        return out
+
+    def log_norm(self, row: int) -> tuple[np.ndarray, float]:
+        """Batch row ``row``'s logits and their log-sum-exp (the softmax over the whole vocabulary)."""
+        ptr = self._lc.llama_get_logits_ith(self.ctx, row)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        top = float(logits.max())
+        return logits, top + float(np.log(np.exp(logits - top, dtype=np.float64).sum()))
 
 
 class LlmStage:
-    """The fallback stage; owns one llama.cpp context with the fixed prompt prefix evaluated once."""
+    """The fallback stage: a cached few-shot prefix and one scoring batch per abstention."""
 
-    def __init__(
-        self, llm: Llama, catalog: Catalog, config: Config, settings: LlmSettings, name: str
+    def __init__(  # noqa: PLR0917
+        self, engine: Engine, catalog: Catalog, config: Config, settings: LlmSettings, name: str
     ) -> None:
-        import llama_cpp  # noqa: PLC0415 - optional dependency, present once a Llama exists
-
-        self._lc = llama_cpp
-        self._llm = llm
+        self.engine = engine
         self.catalog = catalog
         self.settings = settings
         self.model_name = name
         self.budget_s = config.llm_budget_ms / 1000.0
         self.queue = config.llm_queue
         self.clock: Callable[[], float] = time.monotonic
-        self.shape = AnswerShape.from_catalog(catalog, settings.max_value_chars)
         cal = settings.calibration
         self._calibration = cal.linear() if cal is not None else None
-        self.grammar_text = gbnf(self.shape)
-        self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        self._n_vocab = llm.n_vocab()
-        self._grammar = llama_cpp.llama_sampler_init_grammar(
-            self._vocab, self.grammar_text.encode(), b"answer"
-        )
-        if not self._grammar:
-            raise ValueError("llama.cpp rejected the catalog grammar")
-        dtype = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
-        self._cand = np.zeros(self._n_vocab, dtype=dtype)
-        self._cand["id"] = np.arange(self._n_vocab, dtype=np.intc)
-        self._one = np.zeros(1, dtype=dtype)
-        self._pieces: dict[int, bytes] = {}
-        self._piece_ids: dict[bytes, int] | None = None
-        self._longest_piece = 1
-        self._slot = threading.Lock()  # the single generation slot
+        self._slot = threading.Lock()  # the single scoring slot
         self._count_lock = threading.Lock()
         self._pending = 0
-        head, self._tail = self._frame(fixed_prompt(catalog))
-        self._prefix = llm.tokenize(head.encode(), add_bos=True, special=True)
-        self.max_answer_tokens = self.shape.max_answer_bytes() + 4
-        room = settings.n_ctx - len(self._prefix) - self.max_answer_tokens
-        if room < _MIN_REQUEST_TOKENS:
+        self.labels = labels(list(catalog.intents))
+        self._conts = {n: engine.tokens_after(ANCHOR, continuation(w)) for n, w in self.labels.items()}
+        text, self.prefix_examples = fewshot_prefix(catalog, settings, lambda s: len(engine.tokenize(s)))
+        prefix = engine.tokenize(text, bos=True)
+        n_seq = settings.max_candidates + 1  # the candidates and "none"
+        longest = sorted((len(c) - 1 for n, c in self._conts.items() if n != NONE), reverse=True)
+        rows = 1 + sum(longest[: settings.max_candidates]) + len(self._conts[NONE]) - 1
+        if engine.ctx is None:
+            engine.start(settings, config.llm_threads, n_seq, rows)
+        worst = settings.max_request_tokens + max(map(len, self._conts.values()))
+        if len(prefix) + worst > engine.n_ctx:
             raise ValueError(
-                f"n_ctx={settings.n_ctx} leaves {room} tokens for a request after the "
-                f"{len(self._prefix)}-token catalog prompt: raise n_ctx in the .nlu.json sidecar"
+                f"n_ctx={engine.n_ctx} leaves {engine.n_ctx - len(prefix)} tokens after the "
+                f"{len(prefix)}-token few-shot prefix, {worst} needed: raise n_ctx (or lower "
+                "max_prefix_tokens) in the .nlu.json sidecar"
             )
         started = time.perf_counter()
-        self._eval_prefix()
+        engine.eval_prefix(prefix)
         self.prefix_ms = (time.perf_counter() - started) * 1000.0
-        self._tokens_for(b'", "slots": {}}')  # builds the piece table now if the tokenizer needs it
 
     @classmethod
     def load(cls, config: Config, catalog: Catalog, settings: LlmSettings | None = None) -> LlmStage:
         """Load the configured GGUF file; any failure raises (the service then disables the stage).
 
         ``settings`` replaces the sidecar's (the calibration tool loads the model uncalibrated).
+        A sidecar whose calibration found the model below its precision target raises
+        :class:`LlmOff` before the model is read.
         """
         if not config.llm_model:
             raise ValueError("no LLM model configured")
@@ -126,28 +243,26 @@ class LlmStage:
         with path.open("rb") as fh:
             if fh.read(4) != b"GGUF":
                 raise ValueError(f"not a GGUF file: {path}")
+        settings = settings or LlmSettings.for_model(path)
+        settings.check(path.name)
+        if not settings.accept:
+            raise LlmOff(verdict(settings))
         try:
-            from llama_cpp import Llama  # noqa: PLC0415 - optional dependency
+            import llama_cpp  # noqa: F401, PLC0415 - optional dependency
         except ImportError as exc:
             raise ImportError(f"llama-cpp-python is not installed (pip install -e '.[llm]'): {exc}") from exc
-        settings = settings or LlmSettings.for_model(path)
         started = time.perf_counter()
-        llm = Llama(
-            model_path=str(path),
-            n_ctx=settings.n_ctx,
-            n_batch=settings.n_batch,
-            n_ubatch=settings.n_batch,
-            n_threads=config.llm_threads,
-            n_threads_batch=config.llm_threads,
-            logits_all=False,
-            verbose=False,
-        )
-        stage = cls(llm, catalog, config, settings, path.name)
+        engine = Engine(path)
+        try:
+            stage = cls(engine, catalog, config, settings, path.name)
+        except BaseException:
+            engine.close()
+            raise
         _LOGGER.info(
-            "LLM fallback ready: %s (%d intents, prefix %d tokens cached in %.0f ms, loaded in %.0f ms)",
+            "LLM fallback ready: %s (%d intents, %d-token few-shot prefix cached in %.0f ms, load %.0f ms)",
             path.name,
             len(catalog.intents),
-            len(stage._prefix),
+            len(engine.prefix),
             stage.prefix_ms,
             (time.perf_counter() - started) * 1000.0,
         )
@@ -155,31 +270,30 @@ class LlmStage:
 
     @property
     def summary(self) -> str:
-        """One line for /health: the model and how its confidence is calibrated."""
-        report = self.settings.calibration_report or {}
+        """One line for /health: what the stage is worth on held-out rows, and its calibration."""
         if self.settings.calibration is None:
-            return f"{self.model_name} (confidence uncalibrated, temperature {self.settings.temperature:g})"
-        rows = report.get("rows", "?")
+            return (
+                f"{self.model_name} (confidence uncalibrated, temperature {self.settings.temperature:g}: "
+                "fit it with python -m tools.llm_calibrate)"
+            )
+        report = self.settings.calibration_report or {}
         ece = report.get("ece_crossfit", report.get("ece_fit"))
         tail = f", cross-fitted ECE {ece:.3f}" if isinstance(ece, float) else ""
-        return f"{self.model_name} (confidence calibrated on {rows} requests{tail})"
+        return f"{self.model_name}: {verdict(self.settings)} (confidence calibrated{tail})"
 
     def close(self) -> None:
-        """Free the grammar sampler and the model."""
+        """Free the model and its context."""
         with self._slot:
-            if self._grammar:
-                self._lc.llama_sampler_free(self._grammar)
-                self._grammar = None
-            self._llm.close()
+            self.engine.close()
 
     # --- the FallbackStage protocol ---------------------------------------------------------------
 
     def decide_fallback(self, canonical: Canonical, proposal: Decision) -> Decision:
-        """Ask the model to settle an abstention; never waits past the budget."""
+        """Score the ranker's candidates; never waits or answers past the budget."""
         started = self.clock()
         deadline = started + self.budget_s
         with self._count_lock:
-            if self._pending > self.queue:  # one generating plus ``queue`` waiting
+            if self._pending > self.queue:  # one scoring plus ``queue`` waiting
                 return Decision.abstain(VIA, "llm_queue_full", {"queue": self.queue})
             self._pending += 1
         try:
@@ -187,22 +301,17 @@ class LlmStage:
                 return self._timeout(started, "waiting")
             try:
                 candidates = self._candidates(proposal)
-                text = request_prompt(
-                    self.catalog,
-                    canonical,
-                    candidates,
-                    matched_examples(proposal.evidence, proposal.intent),
-                    self.settings.examples_per_candidate,
-                )
-                gen = self._generate(text, deadline)
+                scores = self._score(canonical.text, [n for n, _ in candidates], deadline)
             finally:
                 self._slot.release()
         except _Timeout:
-            return self._timeout(started, "generating")
+            return self._timeout(started, "scoring")
         except _TooLong:
-            return Decision.abstain(VIA, "llm_prompt_too_long", {"n_ctx": self.settings.n_ctx})
-        except Exception as exc:  # noqa: BLE001 - a failed generation is an error decision, not a crash
-            _LOGGER.exception("LLM generation failed")
+            return Decision.abstain(
+                VIA, "llm_prompt_too_long", {"max_request_tokens": self.settings.max_request_tokens}
+            )
+        except Exception as exc:  # noqa: BLE001 - a failed evaluation is an error decision, not a crash
+            _LOGGER.exception("LLM scoring failed")
             return Decision(
                 None,
                 0.0,
@@ -216,7 +325,7 @@ class LlmStage:
                 self._pending -= 1
         if self.clock() > deadline:
             return self._timeout(started, "finished late")  # the late answer is dropped, never emitted
-        return self._decide(gen, canonical, candidates, (self.clock() - started) * 1000.0)
+        return self._decide(scores, candidates, (self.clock() - started) * 1000.0)
 
     # --- internals ----------------------------------------------------------------------------------
 
@@ -233,207 +342,99 @@ class LlmStage:
         out += [(c.intent, c.confidence) for c in proposal.alternatives if c.intent != proposal.intent]
         return [(n, s) for n, s in out if n in self.catalog.intents][: self.settings.max_candidates]
 
-    def _decide(
-        self, gen: _Generation, canonical: Canonical, candidates: list[tuple[str, float]], ms: float
-    ) -> Decision:
-        raw = gen.output.decode("utf-8", errors="replace")
+    def request_tokens(self, text: str) -> list[int]:
+        """The request's tokens as they follow the prefix (whose last line ends with ``END``)."""
+        return self.engine.tokens_after(END, request_line(text))
+
+    def _score(self, text: str, names: Sequence[str], deadline: float) -> Scores:
+        """One scoring step: rewind to the prefix, evaluate the request and the candidates' trie."""
+        names = (*names, NONE)
+        request = self.request_tokens(text)
+        if len(request) > self.settings.max_request_tokens:
+            raise _TooLong
+        plan = plan_batch(request, [self._conts[n] for n in names], len(self.engine.prefix))
+        if len(plan.tokens) > self.engine.n_batch or plan.logit_rows > self.engine.max_outputs:
+            raise _TooLong
+
+        def check() -> None:
+            if self.clock() >= deadline:
+                raise _Timeout
+
+        self.engine.rewind(check)
+        check()
+        logliks = self.engine.score(plan)
+        return Scores(names, tuple(logliks), len(request), len(plan.tokens), plan.logit_rows)
+
+    def score(self, text: str, names: Sequence[str]) -> Scores:
+        """The log-likelihoods of ``names`` (and "none") for ``text``, without budget (tools, tests)."""
+        with self._slot:
+            return self._score(text, names, float("inf"))
+
+    def _decide(self, scores: Scores, candidates: list[tuple[str, float]], ms: float) -> Decision:
+        temp = self.settings.temperature
+        shares = normalise(scores.logliks, temp)
+        probs = {n: float(p) for n, p in zip(scores.names, shares, strict=True)}
+        raw = dict(zip(scores.names, normalise(scores.logliks, 1.0), strict=True))
+        ranker = dict(candidates)
+        intent = max(probs, key=probs.__getitem__)
         evidence: dict[str, Any] = {
-            "raw_output": ANSWER_OPEN + raw,
-            "candidates": [{"intent": n, "score": round(s, 4)} for n, s in candidates],
-            "prompt_tokens": gen.prompt_tokens,
-            "cached_prefix_tokens": len(self._prefix),
-            "generated_tokens": gen.generated_tokens,
-            "forced_tokens": gen.forced_tokens,
+            "candidates": [
+                {"intent": n, "score": round(ranker.get(n, 0.0), 4), "loglik": round(ll, 3)}
+                for n, ll in zip(scores.names, scores.logliks, strict=True)
+            ],
+            "chosen": intent,
+            "probability_raw": round(float(raw[intent]), 4),
+            "probability_tempered": probs[intent],  # unrounded: the calibration tool reads it
+            "llm_shares": dict(probs),
+            "temperature": temp,
+            "prompt_tokens": scores.request_tokens,
+            "batch_tokens": scores.batch_tokens,
+            "logit_rows": scores.logit_rows,
+            "cached_prefix_tokens": len(self.engine.prefix),
             "ms": round(ms, 1),
             "model": self.model_name,
         }
-        if not progress(self.shape, gen.output).complete:
-            return Decision.abstain(VIA, "llm_unparsable", evidence)
-        intent, slots = parse_answer(gen.output)
-        others = [n for n, _ in candidates if n != intent] + ([NONE] if intent != NONE else [])
-        temp = self.settings.temperature
-        probs = name_probabilities(gen.steps, intent, others, temp)
-        raw_p = name_probabilities(gen.steps, intent, (), 1.0)[intent]
-        evidence["probability_raw"] = round(raw_p, 4)
-        evidence["temperature"] = temp
-        evidence["probability_tempered"] = probs[intent]  # unrounded: the calibration tool reads it
+        shown = dict(probs)
         if intent != NONE and self._calibration is not None:
-            conf = float(calibrate(llm_features(probs[intent], intent, candidates), self._calibration))
+            conf = float(calibrate(llm_features(probs, intent, candidates), self._calibration))
             evidence["calibrated"] = True
-            rest = {n: p for n, p in probs.items() if n != intent}
-            mass = sum(rest.values())
-            # like the ranker: the others share what the calibrated confidence leaves, in proportion
-            probs = {intent: conf} | {
-                n: (1.0 - conf) * p / mass if mass > 0 else 0.0 for n, p in rest.items()
-            }
+            shown = calibrated_shares(probs, intent, conf)  # like the ranker's alternatives
         else:
             evidence["calibrated"] = False
         for cand in evidence["candidates"]:
-            cand["llm"] = round(probs.get(cand["intent"], 0.0), 4)
-        evidence["llm_slots"] = slots
+            cand["llm"] = round(shown.get(cand["intent"], 0.0), 4)
+        evidence["p_none"] = round(probs[NONE], 4)
         if intent == NONE:
-            evidence["p_none"] = round(probs[NONE], 4)
             return Decision.abstain(VIA, "llm_none", evidence)
-        spec = self.catalog.intents[intent].slots
-        # Canonicalization's values win: the pipeline fills slots from entities unless we name them.
-        found = {e.placeholder for e in canonical.entities}
-        kept = {k: v for k, v in slots.items() if (spec[k].source or k) not in found}
         alts = sorted(
-            (Candidate(n, round(p, 4)) for n, p in probs.items() if n not in (intent, NONE)),
+            (Candidate(n, round(p, 4)) for n, p in shown.items() if n not in (intent, NONE)),
             key=lambda c: -c.confidence,
         )
         return Decision(
             intent=intent,
-            confidence=round(probs[intent], 4),
+            confidence=round(shown[intent], 4),
             outcome=Outcome.ACCEPT,
             via=VIA,
             alternatives=tuple(alts[:4]),
-            slots=kept,
+            slots={},  # slots come from canonicalization and the tagger (the pipeline fills them)
             evidence=evidence,
         )
 
-    def _frame(self, fixed: str) -> tuple[str, str]:
-        """Split the model's chat template around the request: (fixed head, tail before the answer)."""
-        template = self._llm.metadata.get("tokenizer.chat_template")
-        if not template:
-            return fixed + "\n\n", "\nAnswer: " + ANSWER_OPEN
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: PLC0415
 
-        special = {"bos_token": self._llm.token_bos(), "eos_token": self._llm.token_eos()}
-        texts = {
-            k: self._llm.detokenize([v], special=True).decode("utf-8", "replace") if v >= 0 else ""
-            for k, v in special.items()
-        }
-        fmt = Jinja2ChatFormatter(template, eos_token=texts["eos_token"], bos_token=texts["bos_token"])
-        try:
-            prompt = fmt(
-                messages=[{"role": "system", "content": fixed}, {"role": "user", "content": _SENTINEL}]
-            ).prompt
-        except Exception:  # noqa: BLE001 - templates without a system role
-            prompt = fmt(messages=[{"role": "user", "content": fixed + "\n\n" + _SENTINEL}]).prompt
-        head, _, tail = prompt.partition(_SENTINEL)
-        if texts["bos_token"] and head.startswith(texts["bos_token"]):
-            head = head[len(texts["bos_token"]) :]  # tokenize() adds it when the model wants one
-        return head, tail + ANSWER_OPEN
-
-    def _eval_prefix(self) -> None:
-        self._llm.reset()
-        self._llm.eval(self._prefix)
-
-    def _rewind(self) -> None:
-        """Drop everything after the cached prefix (the previous request's tokens)."""
-        mem = self._lc.llama_get_memory(self._llm.ctx)
-        if self._llm.n_tokens >= len(self._prefix) and self._lc.llama_memory_seq_rm(
-            mem, -1, len(self._prefix), -1
-        ):
-            self._llm.n_tokens = len(self._prefix)
-        else:  # recurrent models cannot drop a tail: pay the prefix again
-            _LOGGER.debug("prefix cache miss: re-evaluating %d tokens", len(self._prefix))
-            self._eval_prefix()
-
-    def _piece(self, tok: int) -> bytes:
-        piece = self._pieces.get(tok)
-        if piece is None:
-            buf = ctypes.create_string_buffer(256)
-            n = self._lc.llama_token_to_piece(self._vocab, tok, buf, len(buf), 0, False)
-            piece = buf.raw[: max(n, 0)]
-            self._pieces[tok] = piece
-        return piece
-
-    def _apply_grammar(self, data: np.ndarray) -> None:
-        arr = self._lc.llama_token_data_array(
-            data=data.ctypes.data_as(self._lc.llama_token_data_p), size=len(data), selected=-1, sorted=False
+def verdict(settings: LlmSettings) -> str:
+    """``LLM stage: rescues X %, accepted precision Y % on N held-out rows`` from the calibration report."""
+    report = settings.calibration_report or {}
+    held = report.get("held_out") or {}
+    rows = held.get("rows_handed")
+    if not isinstance(rows, int):
+        return "LLM stage: not measured on held-out rows (refit with python -m tools.llm_calibrate)"
+    rescue = held.get("rescue_rate") or 0.0
+    precision = held.get("accepted_precision")
+    shown = f"{100 * precision:.0f} %" if isinstance(precision, float) else "n/a (nothing accepted)"
+    line = f"LLM stage: rescues {100 * rescue:.0f} %, accepted precision {shown} on {rows} held-out rows"
+    if not settings.accept:
+        line += (
+            f"; below the {100 * settings.precision_target:.0f} % precision target, so the stage is off "
+            "(refit after changing the model, the catalog or the ranker)"
         )
-        self._lc.llama_sampler_apply(self._grammar, ctypes.byref(arr))
-
-    def _allows(self, tok: int) -> bool:
-        self._one["id"][0], self._one["logit"][0] = tok, 0.0
-        self._apply_grammar(self._one)
-        return bool(np.isfinite(self._one["logit"][0]))
-
-    def _eval(self, tokens: Sequence[int], deadline: float) -> None:
-        step = self.settings.n_batch
-        for i in range(0, len(tokens), step):
-            if self.clock() >= deadline:
-                raise _Timeout
-            self._llm.eval(tokens[i : i + step])
-
-    def _generate(self, request: str, deadline: float) -> _Generation:
-        """Greedy decoding under the grammar; forced stretches are fed in one batch, not sampled."""
-        llm, lc = self._llm, self._lc
-        suffix = llm.tokenize(request.encode(), add_bos=False, special=False)
-        suffix += llm.tokenize(self._tail.encode(), add_bos=False, special=True)
-        if len(self._prefix) + len(suffix) + self.max_answer_tokens > self.settings.n_ctx:
-            raise _TooLong
-        self._rewind()
-        self._eval(suffix, deadline)
-        lc.llama_sampler_reset(self._grammar)
-        out, steps, generated, forced_count = b"", [], 0, 0
-        while True:
-            state = progress(self.shape, out)
-            if state.complete:
-                break
-            if state.forced:
-                toks = self._tokens_for(state.forced)
-                if toks and self._allows(toks[0]):
-                    for t in toks:
-                        if not self._allows(t):
-                            raise RuntimeError(f"grammar rejected forced text {state.forced!r}")
-                        lc.llama_sampler_accept(self._grammar, t)
-                    out += state.forced
-                    forced_count += len(toks)
-                    if not progress(self.shape, out).complete:
-                        self._eval(toks, deadline)
-                    continue
-                # no clean tokenization: let the grammar pick token by token
-            if self.clock() >= deadline:
-                raise _Timeout
-            if generated >= self.max_answer_tokens:
-                break
-            logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(llm.ctx, -1), shape=(self._n_vocab,))
-            self._cand["logit"] = logits
-            self._cand["p"] = 0.0
-            self._apply_grammar(self._cand)
-            masked = self._cand["logit"]
-            tok = int(np.argmax(masked))
-            if not np.isfinite(masked[tok]) or lc.llama_vocab_is_eog(self._vocab, tok):
-                break
-            if state.intent is None:  # still choosing the name: keep what the confidence needs
-                ids = np.flatnonzero(np.isfinite(masked))
-                steps.append(
-                    NameStep(
-                        out, tuple(self._piece(int(i)) for i in ids), tuple(float(masked[i]) for i in ids)
-                    )
-                )
-            lc.llama_sampler_accept(self._grammar, tok)
-            out += self._piece(tok)
-            generated += 1
-            if not progress(self.shape, out).complete:
-                self._eval([tok], deadline)
-        return _Generation(out, tuple(steps), len(suffix), generated, forced_count)
-
-    def _tokens_for(self, text: bytes) -> list[int]:
-        """Tokens whose pieces spell exactly ``text``: the tokenizer's if they do, else longest match."""
-        toks = self._llm.tokenize(text, add_bos=False, special=False)
-        if b"".join(self._piece(t) for t in toks) == text:
-            return toks
-        if self._piece_ids is None:  # e.g. SentencePiece adds a leading space: build the table once
-            table: dict[bytes, int] = {}
-            for tok in range(self._n_vocab):
-                piece = self._piece(tok)
-                if piece and not self._lc.llama_vocab_is_control(self._vocab, tok):
-                    table.setdefault(piece, tok)
-            self._piece_ids = table
-            self._longest_piece = max(map(len, table), default=1)
-        out: list[int] = []
-        pos = 0
-        while pos < len(text):
-            for size in range(min(self._longest_piece, len(text) - pos), 0, -1):
-                tok_id = self._piece_ids.get(text[pos : pos + size])
-                if tok_id is not None:
-                    out.append(tok_id)
-                    pos += size
-                    break
-            else:
-                return []
-        return out
+    return line

@@ -14,21 +14,24 @@ from typing import Any
 
 import pytest
 
-from skill.canonicalize import Canonical, Canonicalizer, EntityMatch
+from skill.canonicalize import Canonical, Canonicalizer
 from skill.catalog import Catalog, load_catalog
 from skill.config import Config
 from skill.decision import Candidate, Decision, Outcome
-from skill.llm import LlmStage
-from skill.llm_grammar import (
-    ANSWER_OPEN,
+from skill.llm import Engine, LlmOff, LlmStage
+from skill.llm_prompt import (
     NONE,
-    AnswerShape,
+    VAL_EVERY,
     LlmSettings,
-    NameStep,
-    gbnf,
-    name_probabilities,
-    parse_answer,
-    progress,
+    calibrated_shares,
+    example_line,
+    fewshot_examples,
+    fewshot_prefix,
+    labels,
+    llm_features,
+    normalise,
+    plan_batch,
+    sidecar_path,
 )
 from skill.pipeline import Pipeline
 from skill.regex_stage import RegexStage
@@ -36,10 +39,18 @@ from skill.service import ServiceState
 from tests.conftest import REPO, write_catalog
 from tools.tiny_gguf import write_tiny_gguf
 
-# Steering: "a" starts only alarm.set in the mini catalog, "n" only "none"; '"' closes slot strings.
-SAYS_ALARM = {"a": 1.0, '"': 1.5}
-SAYS_ALARM_TIME = {"a": 1.0}  # fills the time slot with "aaa…"
-SAYS_NONE = {"n": 1.0}
+
+def prefer(text: str, weight: float = 2.0) -> dict[str, float]:
+    """Steer a tiny model towards the bytes of ``text``: the continuation made of them wins.
+
+    The tiny models' SentencePiece vocabulary writes a space as U+2581, three byte tokens.
+    """
+    return {chr(b): weight for b in set(text.replace(" ", "\u2581").encode())}
+
+
+# The mini catalog's intents read "alarm set", "device turn off", "desktop reset webspace".
+SAYS_ALARM = prefer(" alarm set\n")
+SAYS_NONE = prefer(" none\n")
 
 
 @pytest.fixture
@@ -51,8 +62,8 @@ def catalog(tmp_path: Path) -> Catalog:
 def stage_factory(tmp_path: Path, catalog: Catalog, make_config: Callable[..., Config]) -> Iterator[Any]:
     stages: list[LlmStage] = []
 
-    def _make(prefer: dict[str, float] | None = None, seed: int = 0, **cfg: Any) -> LlmStage:
-        path = write_tiny_gguf(tmp_path / f"tiny-{seed}-{len(stages)}.gguf", seed=seed, prefer=prefer)
+    def _make(steer: dict[str, float] | None = None, seed: int = 0, **cfg: Any) -> LlmStage:
+        path = write_tiny_gguf(tmp_path / f"tiny-{seed}-{len(stages)}.gguf", seed=seed, prefer=steer)
         cfg.setdefault("llm_threads", 1)  # two threads on a busy 2-core box spin in barriers
         stage = LlmStage.load(make_config(llm_model=str(path), **cfg), catalog)
         stages.append(stage)
@@ -79,202 +90,186 @@ def proposal(top: str = "device.turn_off", conf: float = 0.6) -> Decision:
     )
 
 
-# --- grammar and skeleton (pure) -------------------------------------------------------------------
-
-SHAPE = AnswerShape(slots={"alarm.set": ("time", "date"), "alarm.cancel": (), NONE: ()}, max_value_chars=8)
+# --- prompt and batch layout (pure) -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("out", "forced", "complete", "intent"),
-    [
-        (b"", b"", False, None),
-        (b"alarm.", b"", False, None),  # alarm.set or alarm.cancel: the model decides
-        (b"alarm.s", b'et", "slots": {"time": ', False, "alarm.set"),
-        (b"n", b'one", "slots": {}}', False, NONE),
-        (b'alarm.set", "slots": {"time": ', b"", False, "alarm.set"),
-        (b'alarm.set", "slots": {"time": nu', b"ll", False, "alarm.set"),
-        (b'alarm.set", "slots": {"time": "7:3', b"", False, "alarm.set"),
-        (b'alarm.set", "slots": {"time": "7:30"', b', "date": ', False, "alarm.set"),
-        (b'alarm.set", "slots": {"time": "7:30", "date": null', b"}}", False, "alarm.set"),
-        (b'alarm.set", "slots": {"time": "7:30", "date": null}}', b"", True, "alarm.set"),
-        (b'alarm.cancel", "slots": {}}', b"", True, "alarm.cancel"),
-    ],
-)
-def test_progress_follows_the_skeleton(out: bytes, forced: bytes, complete: bool, intent: str | None) -> None:
-    state = progress(SHAPE, out)
-    assert (state.forced, state.complete, state.intent) == (forced, complete, intent)
+def test_labels_are_words_and_stay_unique() -> None:
+    names = labels(["device.turn_off", "alarm.set", "a.b_c", "a_b.c"])
+    assert names["device.turn_off"] == "device turn off" and names[NONE] == "none"
+    assert names["a.b_c"] == "a.b_c" and names["a_b.c"] == "a_b.c"  # both would read "a b c"
+    assert len(set(names.values())) == len(names)
 
 
-@pytest.mark.parametrize(
-    "out", [b"x", b'joke.tell"', b'alarm.set", "slots": {"date": null', b'none", "slots": {}}x']
-)
-def test_progress_rejects_what_the_grammar_cannot_produce(out: bytes) -> None:
+def test_fewshot_examples_go_round_robin_and_never_use_held_out_rows() -> None:
+    repo = load_catalog(REPO / "catalog")
+    settings = LlmSettings(examples_per_intent=2, none_examples=3)
+    pairs = fewshot_examples(repo, settings)
+    first_round = pairs[: len({i for _, i in pairs if i != NONE}) * 2]
+    assert len({i for _, i in first_round}) > len(repo.intents) // 2  # every intent before any second one
+    held = {
+        t
+        for intent in repo.intents.values()
+        for texts in intent.examples.values()
+        for k, t in enumerate(texts)
+        if k % VAL_EVERY == VAL_EVERY - 1
+    }
+    assert not held & {t for t, _ in pairs}
+    assert sum(i == NONE for _, i in pairs) <= 3 * len(repo.out_of_scope)
+
+
+def test_prefix_fits_its_token_budget_and_is_deterministic() -> None:
+    repo = load_catalog(REPO / "catalog")
+    settings = LlmSettings(max_prefix_tokens=300)
+    text, chosen = fewshot_prefix(repo, settings, len)  # a character per token
+    assert len(text) <= 300 and chosen
+    assert text == "".join(example_line(t, labels(list(repo.intents))[i]) for t, i in chosen)
+    assert fewshot_prefix(repo, settings, len) == (text, chosen)
+    last = chosen[-1][1]
+    assert any(i != last for _, i in chosen[-3:]) or len(chosen) < 3  # shuffled, not in catalog order
+
+
+def test_batch_plan_shares_the_request_and_common_prefixes() -> None:
+    # three continuations: [5, 6, 7], [5, 6, 8], [9]; the request is [1, 2] at position 10
+    plan = plan_batch([1, 2], [[5, 6, 7], [5, 6, 8], [9]], start=10)
+    assert plan.tokens == (1, 2, 5, 6)  # 5 and 6 once; last tokens are read, not evaluated
+    assert plan.pos == (10, 11, 12, 13)
+    assert plan.seq_ids == ((0, 1, 2), (0, 1, 2), (0, 1), (0, 1))
+    assert plan.logits == (False, True, True, True) and plan.logit_rows == 3
+    assert plan.reads == (((1, 5), (2, 6), (3, 7)), ((1, 5), (2, 6), (3, 8)), ((1, 9),))
     with pytest.raises(ValueError):
-        progress(SHAPE, out)
+        plan_batch([], [[1]], 0)
 
 
-def test_grammar_names_every_intent_with_its_own_slots(catalog: Catalog) -> None:
-    text = gbnf(AnswerShape.from_catalog(catalog))
-    assert '"alarm.set" "\\", \\"slots\\": {\\"time\\": " value "}}"' in text
-    assert '"desktop.reset_webspace" "\\", \\"slots\\": {}}"' in text
-    assert '"none" "\\", \\"slots\\": {}}"' in text
-    assert parse_answer(b'alarm.set", "slots": {"time": "07:30", "date": null}}') == (
-        "alarm.set",
-        {"time": "07:30"},
-    )
-
-
-def test_name_probabilities_split_the_mass_along_the_path() -> None:
-    # step 1: "a" (alarm.*) vs "n" (none) at logits 2:0; step 2: "s" vs "c" at 1:1
-    steps = [NameStep(b"", (b"a", b"n"), (2.0, 0.0)), NameStep(b"alarm.", (b"s", b"c"), (1.0, 1.0))]
-    probs = name_probabilities(steps, "alarm.set", ["alarm.cancel", NONE], 1.0)
-    p_a = 1 / (1 + math.exp(-2))
-    assert probs["alarm.set"] == pytest.approx(p_a * 0.5)
-    assert probs["alarm.cancel"] == pytest.approx(p_a * 0.5)
-    assert probs[NONE] == pytest.approx(1 - p_a)
-    flat = name_probabilities(steps, "alarm.set", [], 100.0)["alarm.set"]
-    assert flat == pytest.approx(0.25, abs=0.01)  # a high temperature flattens towards uniform
+def test_shares_features_and_calibrated_split() -> None:
+    p = normalise([math.log(3.0), 0.0, 0.0])
+    assert p == pytest.approx([0.6, 0.2, 0.2])
+    assert normalise([1.0, 0.0], temperature=1e6) == pytest.approx([0.5, 0.5], abs=1e-5)
+    probs = {"a": 0.6, "b": 0.3, NONE: 0.1}
+    f = llm_features(probs, "a", [("b", 0.7), ("a", 0.2)])
+    assert f == pytest.approx([math.log(1.5), math.log(1.5) - math.log(0.3 / 0.7), 0.2, 0.0])
+    shown = calibrated_shares(probs, "a", 0.2)
+    assert shown == pytest.approx({"a": 0.2, "b": 0.6, NONE: 0.2})
 
 
 # --- through llama.cpp ---------------------------------------------------------------------------------
 
 
-def test_repo_catalog_grammar_compiles_and_constrains_free_sampling(tmp_path: Path) -> None:
-    from llama_cpp import Llama, LlamaGrammar
-
-    repo = load_catalog(REPO / "catalog")
-    shape = AnswerShape.from_catalog(repo)
-    grammar = LlamaGrammar.from_string(gbnf(shape), verbose=False)
-    llm = Llama(str(write_tiny_gguf(tmp_path / "r.gguf", seed=3)), n_ctx=1024, n_threads=1, verbose=False)
-    for seed in range(4):  # llama.cpp's own sampler, temperature 1: whatever it samples must parse
-        llm.set_seed(seed)
-        out = llm.create_completion(
-            "x", max_tokens=shape.max_answer_bytes() + 8, temperature=1.0, grammar=grammar, seed=seed
-        )
-        data = json.loads(out["choices"][0]["text"])  # type: ignore[index]
-        assert data["intent"] in shape.slots
-        assert list(data["slots"]) == list(shape.slots[data["intent"]])
-    llm.close()
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_every_answer_parses_and_names_a_catalog_intent(
-    stage_factory: Any, catalog: Catalog, seed: int
-) -> None:
+@pytest.mark.parametrize("seed", range(4))
+def test_every_answer_names_a_candidate_or_none(stage_factory: Any, catalog: Catalog, seed: int) -> None:
     stage = stage_factory(seed=seed)
     for text in ("разбуди меня пораньше", "turn everything off", "сбрось всё"):
         d = stage.decide_fallback(canon(catalog, text), proposal())
-        raw = d.evidence["raw_output"]
-        assert raw.startswith(ANSWER_OPEN)
-        data = json.loads(raw)
-        assert data["intent"] in set(catalog.intents) | {NONE}
-        assert d.via == "llm"
+        cands = [c["intent"] for c in d.evidence["candidates"]]
+        assert cands == ["device.turn_off", "alarm.set", "desktop.reset_webspace", NONE]
+        assert d.via == "llm" and d.evidence["chosen"] in cands
+        assert sum(d.evidence["llm_shares"].values()) == pytest.approx(1.0)
+        assert all(c["loglik"] < 0 for c in d.evidence["candidates"])
         if d.intent is None:
             assert (d.outcome, d.reason) == (Outcome.ABSTAIN, "llm_none")
         else:
-            assert d.intent in catalog.intents and 0.0 < d.confidence <= 1.0
-            assert set(d.slots) <= set(catalog.intents[d.intent].slots)
+            assert d.intent in catalog.intents and 0.0 < d.confidence <= 1.0 and d.slots == {}
             assert [a.confidence for a in d.alternatives] == sorted(
                 (a.confidence for a in d.alternatives), reverse=True
             )
+        assert d.evidence["logit_rows"] < d.evidence["batch_tokens"] + 1
+        assert d.evidence["prompt_tokens"] < d.evidence["cached_prefix_tokens"]
 
 
-def test_model_that_answers_none_abstains(stage_factory: Any, catalog: Catalog) -> None:
+def test_model_that_prefers_none_abstains(stage_factory: Any, catalog: Catalog) -> None:
     d = stage_factory(SAYS_NONE).decide_fallback(canon(catalog, "как дела"), proposal())
     assert (d.intent, d.outcome, d.reason, d.via) == (None, Outcome.ABSTAIN, "llm_none", "llm")
-    assert d.evidence["raw_output"] == '{"intent": "none", "slots": {}}'
     assert d.evidence["p_none"] > 0.99
 
 
-def test_steered_model_picks_its_intent_with_calibrated_confidence(
-    stage_factory: Any, catalog: Catalog
-) -> None:
+def test_steered_model_picks_its_candidate(stage_factory: Any, catalog: Catalog) -> None:
     d = stage_factory(SAYS_ALARM).decide_fallback(canon(catalog, "разбуди меня пораньше"), proposal())
     assert (d.intent, d.outcome, d.via) == ("alarm.set", Outcome.ACCEPT, "llm")
-    assert d.confidence > 0.98
-    assert d.slots == {}  # an empty string is no value
-    assert d.evidence["raw_output"] == '{"intent": "alarm.set", "slots": {"time": ""}}'
+    assert d.confidence > 0.98 and d.slots == {}
     cands = {c["intent"]: c for c in d.evidence["candidates"]}
     assert cands["device.turn_off"]["score"] == 0.6 and cands["device.turn_off"]["llm"] < 0.01
-    assert d.evidence["prompt_tokens"] < d.evidence["cached_prefix_tokens"]
-    assert d.evidence["forced_tokens"] > d.evidence["generated_tokens"]
+    assert d.evidence["calibrated"] is False
 
 
-def test_llm_slot_values_yield_to_canonicalized_entities(stage_factory: Any, catalog: Catalog) -> None:
-    stage = stage_factory(SAYS_ALARM_TIME)
-    d = stage.decide_fallback(canon(catalog, "разбуди меня"), proposal())
-    assert d.slots == {"time": "a" * 32}
-    time_entity = EntityMatch("time", "time", "7:30", 0, 4, "07:30", source="value", match_type="parsed")
-    c = Canonical("7:30", "7:30", "{time}", "ru", entities=(time_entity,))
-    d = stage.decide_fallback(c, proposal())
-    assert d.intent == "alarm.set" and d.slots == {}  # the pipeline fills time=07:30 from the entity
-    assert d.evidence["llm_slots"] == {"time": "a" * 32}
+def test_only_the_rankers_candidates_and_none_compete(stage_factory: Any, catalog: Catalog) -> None:
+    stage = stage_factory(SAYS_ALARM)
+    p = Decision(
+        "device.turn_off", 0.6, Outcome.ABSTAIN, "neural", (Candidate("desktop.reset_webspace", 0.1),)
+    )
+    d = stage.decide_fallback(canon(catalog, "разбуди меня"), p)
+    assert [c["intent"] for c in d.evidence["candidates"]] == [
+        "device.turn_off",
+        "desktop.reset_webspace",
+        NONE,
+    ]
+    assert d.intent != "alarm.set"  # the model likes it best, but the ranker did not offer it
 
 
 def test_temperature_comes_from_the_sidecar(
     tmp_path: Path, catalog: Catalog, make_config: Callable[..., Config]
 ) -> None:
     path = write_tiny_gguf(tmp_path / "t.gguf", prefer=SAYS_ALARM)
-    (tmp_path / "t.gguf.nlu.json").write_text(json.dumps({"temperature": 10.0}))
+    sidecar_path(path).write_text(json.dumps({"temperature": 1000.0}))
     stage = LlmStage.load(make_config(llm_model=str(path), llm_threads=1), catalog)
     d = stage.decide_fallback(canon(catalog, "разбуди меня"), proposal())
     stage.close()
-    assert d.intent == "alarm.set" and d.evidence["temperature"] == 10.0
-    assert 0.3 < d.confidence < 0.7 and d.evidence["probability_raw"] > 0.98
-    (tmp_path / "t.gguf.nlu.json").write_text(json.dumps({"temprature": 2.0}))
+    assert d.evidence["temperature"] == 1000.0 and d.evidence["chosen"] == "alarm.set"
+    assert d.confidence < 0.5 < d.evidence["probability_raw"]
+    sidecar_path(path).write_text(json.dumps({"temprature": 2.0}))
     with pytest.raises(ValueError, match="temprature"):
         LlmSettings.for_model(path)
 
 
-def test_context_too_small_for_the_catalog_fails_the_load_and_long_requests_abstain(
+def test_context_too_small_fails_the_load_and_long_requests_abstain(
     tmp_path: Path, catalog: Catalog, make_config: Callable[..., Config]
 ) -> None:
     path = write_tiny_gguf(tmp_path / "c.gguf", prefer=SAYS_ALARM)
-    sidecar = tmp_path / "c.gguf.nlu.json"
-    sidecar.write_text(json.dumps({"n_ctx": 1024}))  # the byte-level catalog prompt alone is ~850 tokens
+    sidecar = sidecar_path(path)
+    sidecar.write_text(json.dumps({"n_ctx": 256, "max_prefix_tokens": 1024}))
     with pytest.raises(ValueError, match="raise n_ctx"):
         LlmStage.load(make_config(llm_model=str(path), llm_threads=1), catalog)
-    sidecar.write_text(json.dumps({"n_ctx": 1536}))
+    sidecar.write_text(json.dumps({"max_request_tokens": 40}))
     stage = LlmStage.load(make_config(llm_model=str(path), llm_threads=1), catalog)
-    d = stage.decide_fallback(canon(catalog, "разбуди меня " * 60), proposal())
+    d = stage.decide_fallback(canon(catalog, "разбуди меня " * 3), proposal())
     assert (d.intent, d.outcome, d.reason) == (None, Outcome.ABSTAIN, "llm_prompt_too_long")
-    assert stage.decide_fallback(canon(catalog, "разбуди меня"), proposal()).intent == "alarm.set"
+    assert stage.decide_fallback(canon(catalog, "разбуди"), proposal()).intent == "alarm.set"
     stage.close()
 
 
-CHATML = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-NO_SYSTEM = (
-    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
-    "{{ raise_exception('System role not supported') }}{% endif %}"
-    "<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
-    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-)
+def _naive(engine: Engine, request: list[int], cont: list[int], size: int) -> float:
+    """One candidate in one sequence, with logits at every token it is read at: no sharing, no trie.
+
+    The batch is padded to ``size`` tokens with tokens after the candidate's (causally invisible to
+    it): llama.cpp takes other matmul paths for other batch sizes, and a quantized model's numbers
+    then differ in the second decimal.
+    """
+    start = len(engine.prefix)
+    engine.rewind()
+    tail = [*request, *cont[:-1]]
+    tail += [request[0]] * max(0, size - len(tail))
+    flags = [False] * (len(request) - 1) + [True] * len(cont)
+    flags += [False] * (len(tail) - len(flags))
+    engine._decode(tail, range(start, start + len(tail)), [(0,)] * len(tail), flags)
+    total = 0.0
+    for j, tok in enumerate(cont):
+        logits, norm = engine.log_norm(len(request) - 1 + j)
+        total += float(logits[tok]) - norm
+    engine.rewind()
+    return total
 
 
-@pytest.mark.parametrize(("template", "turn"), [(CHATML, "<|im_start|>assistant\n"), (NO_SYSTEM, "model\n")])
-def test_the_models_chat_template_frames_the_prompt(
-    tmp_path: Path, catalog: Catalog, make_config: Callable[..., Config], template: str, turn: str
-) -> None:
-    path = write_tiny_gguf(tmp_path / "chat.gguf", prefer=SAYS_ALARM, chat_template=template)
-    stage = LlmStage.load(make_config(llm_model=str(path), llm_threads=1), catalog)
-    assert stage._tail.endswith(turn + ANSWER_OPEN)
-    assert stage._prefix[0] == 1 and stage._prefix[1] != 1  # one BOS, not the template's and ours
-    assert stage.decide_fallback(canon(catalog, "разбуди меня"), proposal()).intent == "alarm.set"
-    stage.close()
-
-
-def test_prefix_cache_gives_the_same_answers_as_a_fresh_context(stage_factory: Any, catalog: Catalog) -> None:
+def test_prefix_cache_gives_the_same_scores_as_a_fresh_context(stage_factory: Any, catalog: Catalog) -> None:
     texts = ["разбуди меня пораньше", "turn everything off", "сбрось всё", "разбуди меня пораньше"]
+    names = ["device.turn_off", "alarm.set", "desktop.reset_webspace"]
     warm = stage_factory(seed=7)
-    answers = [warm.decide_fallback(canon(catalog, t), proposal()).evidence["raw_output"] for t in texts]
-    fresh = [
-        stage_factory(seed=7).decide_fallback(canon(catalog, t), proposal()).evidence["raw_output"]
-        for t in texts
-    ]
-    assert answers == fresh
+    cached = [warm.score(t, names).logliks for t in texts]
+    fresh = [stage_factory(seed=7).score(t, names).logliks for t in texts]
+    assert cached == pytest.approx(fresh, rel=1e-4, abs=1e-4)
+    assert cached[0] == pytest.approx(cached[3], rel=1e-5, abs=1e-5)  # nothing of earlier requests leaks
+    # and one sequence per candidate, no sharing, gives the same numbers as the shared batch
+    request = warm.request_tokens(texts[1])
+    size = warm.score(texts[1], names).batch_tokens
+    naive = [_naive(warm.engine, request, warm._conts[n], size) for n in [*names, NONE]]
+    assert naive == pytest.approx(list(cached[1]), rel=1e-5, abs=1e-5)
 
 
 # --- never block -------------------------------------------------------------------------------------
@@ -282,12 +277,12 @@ def test_prefix_cache_gives_the_same_answers_as_a_fresh_context(stage_factory: A
 
 def test_budget_runs_out_while_waiting_for_the_slot(stage_factory: Any, catalog: Catalog) -> None:
     stage = stage_factory(SAYS_ALARM, llm_budget_ms=200)
-    with stage._slot:  # another request is generating
+    with stage._slot:  # another request is scoring
         started = time.monotonic()
         d = stage.decide_fallback(canon(catalog, "разбуди меня"), proposal())
         elapsed = time.monotonic() - started
     assert (d.intent, d.outcome, d.reason, d.via) == (None, Outcome.ABSTAIN, "llm_timeout", "llm")
-    assert 0.15 < elapsed < 1.0
+    assert 0.15 < elapsed < 1.0 and d.evidence["where"] == "waiting"
     assert stage.decide_fallback(canon(catalog, "разбуди меня"), proposal()).intent == "alarm.set"
 
 
@@ -313,20 +308,20 @@ def test_budget_runs_out_at_every_check_and_the_late_answer_is_dropped(
     stage.clock = clock = TickingClock()
     stage.budget_s = 1e6
     expected = stage.decide_fallback(c, proposal())
-    reads = clock.reads  # start, slot wait, prompt chunks, each sampled token, the late check, the ms
-    assert expected.reason != "llm_timeout" and reads > 6
-    wheres = set()
+    reads = clock.reads  # start, slot wait, before the scoring step, the late check, the ms
+    assert expected.reason != "llm_timeout" and reads == 5
+    wheres = []
     for k in range(reads - 2):  # the deadline passes at every check in turn, the last one included
         stage.clock = TickingClock()
         stage.budget_s = k + 0.5
         d = stage.decide_fallback(c, proposal())
         assert (d.intent, d.outcome, d.reason, d.via) == (None, Outcome.ABSTAIN, "llm_timeout", "llm"), k
-        wheres.add(d.evidence["where"])
-    assert wheres == {"generating", "finished late"}  # a free slot is taken even with no time left
+        wheres.append(d.evidence["where"])
+    assert wheres == ["scoring", "scoring", "finished late"]  # a free slot is taken even with no time left
     stage.clock = TickingClock()
     stage.budget_s = reads - 2 + 0.5  # passes only after the answer is final
     again = stage.decide_fallback(c, proposal())  # nothing of the aborted runs leaks into this one
-    assert again.evidence["raw_output"] == expected.evidence["raw_output"]
+    assert again.evidence["candidates"] == expected.evidence["candidates"]
     assert (again.intent, again.confidence) == (expected.intent, expected.confidence)
 
 
@@ -336,12 +331,12 @@ def test_full_queue_answers_at_once_and_waiters_still_get_answers(
     stage = stage_factory(SAYS_ALARM, llm_queue=2, llm_budget_ms=10_000)
     c = canon(catalog, "разбуди меня")
     results: list[Decision] = []
-    stage._slot.acquire()  # a long generation holds the slot
+    stage._slot.acquire()  # a long scoring step holds the slot
     try:
         waiters = [
             threading.Thread(target=lambda: results.append(stage.decide_fallback(c, proposal())))
             for _ in range(3)
-        ]  # two queue, the third generates... once the slot frees
+        ]  # two queue, the third scores... once the slot frees
         for t in waiters[:2]:
             t.start()
         for _ in range(200):
@@ -398,11 +393,29 @@ def test_service_loads_the_stage_when_configured(
     path = write_tiny_gguf(tmp_path / "tiny.gguf", prefer=SAYS_ALARM)
     state = ServiceState(make_config(catalog_dir=str(mini_catalog), llm_model=str(path), llm_threads=1))
     state.load()
-    assert state.health()["stages"]["llm"] == {
-        "ready": True,
-        "detail": "tiny.gguf (confidence uncalibrated, temperature 1)",
-    }
+    llm = state.health()["stages"]["llm"]
+    assert llm["ready"] is True
+    assert llm["detail"].startswith("tiny.gguf (confidence uncalibrated, temperature 1")
     assert isinstance(state.pipeline.llm, LlmStage) if state.pipeline else False
+    state.pipeline.llm.close() if state.pipeline and state.pipeline.llm else None
+
+
+def test_a_stage_the_calibration_turned_off_is_not_loaded_and_health_says_why(
+    tmp_path: Path, mini_catalog: Path, make_config: Callable[..., Config]
+) -> None:
+    path = write_tiny_gguf(tmp_path / "off.gguf", prefer=SAYS_ALARM)
+    held = {"rows_handed": 60, "rescued": 3, "rescue_rate": 0.05, "accepted_precision": 0.5}
+    sidecar_path(path).write_text(json.dumps({"accept": False, "calibration_report": {"held_out": held}}))
+    cfg = make_config(catalog_dir=str(mini_catalog), llm_model=str(path), llm_threads=1)
+    with pytest.raises(LlmOff, match="rescues 5 %, accepted precision 50 % on 60 held-out rows"):
+        LlmStage.load(cfg, load_catalog(mini_catalog))
+    state = ServiceState(cfg)
+    state.load()
+    llm = state.health()["stages"]["llm"]
+    assert llm["ready"] is False
+    assert llm["detail"].startswith("disabled: LlmOff: LLM stage: rescues 5 %, accepted precision 50 %")
+    assert "below the 90 % precision target" in llm["detail"]
+    assert state.pipeline is not None and state.pipeline.llm is None
 
 
 def test_importing_the_stage_does_not_need_llama_cpp() -> None:
@@ -439,18 +452,17 @@ def _pipeline(catalog: Catalog, llm: LlmStage) -> Pipeline:
     )
 
 
-def test_pipeline_lets_the_llm_settle_an_abstention(stage_factory: Any, catalog: Catalog) -> None:
-    result = _pipeline(catalog, stage_factory(SAYS_ALARM)).parse("разбуди меня пораньше пожалуйста")
+def test_pipeline_lets_the_llm_settle_an_abstention_and_fills_slots_itself(
+    stage_factory: Any, catalog: Catalog
+) -> None:
+    result = _pipeline(catalog, stage_factory(SAYS_ALARM)).parse("разбуди меня пожалуйста в 7:30")
     d = result.decision
     assert (d.intent, d.outcome, d.via) == ("alarm.set", Outcome.ACCEPT, "llm")
+    assert d.slots == {"time": "07:30"}  # from canonicalization, not from the model
     assert [s.stage for s in result.stages] == ["canonicalize", "regex", "neural", "llm"]
     assert result.stages[2].outcome == "abstain" and result.stages[3].outcome == "accept"
-    assert d.evidence["candidates"][0] == {
-        "intent": "device.turn_off",
-        "score": 0.6,
-        "llm": pytest.approx(0.0, abs=0.01),
-    }
-    assert d.evidence["raw_output"].startswith('{"intent": "alarm.set"')
+    assert d.evidence["candidates"][0]["intent"] == "device.turn_off"
+    assert d.evidence["candidates"][0]["llm"] == pytest.approx(0.0, abs=0.01)
 
 
 def test_pipeline_keeps_the_ranker_abstention_when_the_llm_says_none(

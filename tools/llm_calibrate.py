@@ -1,20 +1,27 @@
-"""Fit the LLM fallback's confidence on held-out requests and store it beside the GGUF file.
+"""Fit the LLM fallback's confidence on held-out requests, decide whether it earns its place, and
+store both beside the GGUF file.
 
 python -m tools.llm_calibrate --llm-model PATH [--catalog DIR] [--model-dir DIR | --no-ranker]
-                              [--data FILE.jsonl] [--rows abstain|all] [--dry-run] [--json]
+                              [--data FILE.jsonl] [--rows abstain|all] [--precision-target 0.9]
+                              [--dry-run] [--json]
 
 Rows: the catalog's held-out split (the same every-5th carve as ``tools.train``: examples, negatives
 and out-of-scope rows), or the ``val`` rows of a JSONL file in the bench format whose intents are
 catalog intents or ``oos``. With ``--rows abstain`` (the default) only the requests the served
 pipeline hands to the LLM are used: regex misses that the gated ranker abstains on. ``--rows all``
-sends every row to the LLM with the ranker's proposal, for small data or a quick look.
+sends every row to the LLM with the ranker's proposal, for small data or a quick look. Rows that
+appear in the stage's few-shot prefix are left out (``rows_in_prefix``).
 
 The model runs uncalibrated (the sidecar's temperature, no map) through :class:`skill.llm.LlmStage`,
 the code ``/parse`` uses. For each answer that names an intent the tool records the features the
-service computes (:func:`skill.llm_grammar.llm_features`) and whether the intent was right (an
-out-of-scope row is never right), fits the logistic map, reports the raw, fitted and 2-fold
-cross-fitted expected calibration error, and writes ``calibration`` and ``calibration_report`` into
-``<model>.gguf.nlu.json`` (other keys are kept; the write is atomic).
+service computes (:func:`skill.llm_prompt.llm_features`) and whether the intent was right (an
+out-of-scope row is never right), fits the logistic map, and reports the raw, fitted and 2-fold
+cross-fitted expected calibration error. The cross-fitted confidences then go through the gate the
+pipeline uses (the ranker's thresholds and the catalog's per-intent ones): that gives the stage's
+worth on rows its map has not seen, ``held_out``: ``rows_handed``, ``rescued``, ``rescue_rate``,
+``wrong_accepts``, ``wrong_accept_rate``, ``accepted_precision``. Below ``--precision-target``, or
+with nothing rescued, the verdict is ``accept: false`` and the service keeps the stage off. The map,
+the report and the verdict go into ``<model>.gguf.nlu.json`` (other keys are kept; atomic write).
 """
 
 from __future__ import annotations
@@ -35,18 +42,19 @@ import numpy as np
 from skill.canonicalize import Canonical, Canonicalizer
 from skill.catalog import Catalog, load_catalog
 from skill.config import load_config
-from skill.decision import Decision, Outcome
+from skill.decision import Candidate, Decision, Outcome
 from skill.fsutil import atomic_write
-from skill.gate import GateConfig
-from skill.llm_grammar import LLM_FEATURES, NONE, LlmSettings, llm_features, sidecar_path
+from skill.gate import GateConfig, IntentPolicy, gate
+from skill.llm_prompt import LLM_FEATURES, NONE, LlmSettings, calibrated_shares, llm_features, sidecar_path
 from skill.pipeline import Pipeline
 from skill.regex_stage import RegexStage
 from skill.registry import resolve_model_dir
+from skill.scoring import calibrate
 from tools._calib import expected_calibration_error, fit_calibration
 from tools._data import OOS, DataError, Row, rows_from_catalog, rows_from_jsonl
 
 _LOGGER = logging.getLogger(__name__)
-MIN_ANSWERS = 20  # fewer named answers than this cannot support a 3-feature fit
+MIN_ANSWERS = 20  # fewer named answers than this cannot support the fit
 L2 = 1.0
 
 
@@ -55,46 +63,76 @@ class Answer(msgspec.Struct, frozen=True):
 
     text: str
     gold: str  # a catalog intent or "oos"
-    intent: str | None  # what the LLM named ("none" included); None on timeout or error
+    intent: str | None  # what the LLM chose ("none" included); None on timeout or error
     reason: str
     features: tuple[float, ...] | None  # LLM_FEATURES, for answers that name an intent
+    shares: dict[str, float] | None = None  # the normalised likelihoods (uncalibrated)
+    ms: float = 0.0
 
 
-class _Recorder:
+class Recorder:
     """A FallbackStage wrapper: passes every call to the real stage and keeps what it decided."""
 
     def __init__(self, stage: Any) -> None:
         self.stage = stage
-        self.calls: list[tuple[Canonical, Decision, Decision]] = []
+        self.calls: list[tuple[Canonical, Decision, Decision, float]] = []
 
     def decide_fallback(self, canonical: Canonical, proposal: Decision) -> Decision:
+        started = time.perf_counter()
         decision = self.stage.decide_fallback(canonical, proposal)
-        self.calls.append((canonical, proposal, decision))
+        self.calls.append((canonical, proposal, decision, (time.perf_counter() - started) * 1000.0))
         return decision
 
 
-def _answer(row: Row, decision: Decision) -> Answer:
+def answer(row: Row, decision: Decision, ms: float = 0.0) -> Answer:
+    """What the stage said on ``row``, with the features of its (uncalibrated) choice."""
     ev = decision.evidence
+    shares = ev.get("llm_shares")
     if decision.intent is not None and decision.outcome is Outcome.ACCEPT:
-        cands = [(c["intent"], float(c["score"])) for c in ev.get("candidates", [])]
-        feats = llm_features(float(ev["probability_tempered"]), decision.intent, cands)
-        return Answer(row.text, row.intent, decision.intent, "", tuple(float(v) for v in feats))
+        cands = [(c["intent"], float(c["score"])) for c in ev.get("candidates", []) if c["intent"] != NONE]
+        feats = llm_features(dict(shares or {}), decision.intent, cands)
+        return Answer(row.text, row.intent, decision.intent, "", tuple(float(v) for v in feats), shares, ms)
     if decision.reason == "llm_none":
-        return Answer(row.text, row.intent, NONE, decision.reason, None)
-    return Answer(row.text, row.intent, None, decision.reason or decision.outcome.value, None)
+        return Answer(row.text, row.intent, NONE, decision.reason, None, shares, ms)
+    return Answer(row.text, row.intent, None, decision.reason or decision.outcome.value, None, None, ms)
+
+
+def gold_of(row: Row, catalog: Catalog) -> Row:
+    """A row whose intent the catalog does not have is out of scope for it."""
+    return (
+        row
+        if row.intent == OOS or row.intent in catalog.intents
+        else msgspec.structs.replace(row, intent=OOS)
+    )
 
 
 def collect(
-    rows: Sequence[Row], catalog: Catalog, stage: Any, ranker: Any | None, *, mode: str, progress: bool = True
-) -> tuple[list[Answer], int]:
-    """Run the rows; return the LLM's answers and how many rows never reached it (``abstain`` mode)."""
+    rows: Sequence[Row],
+    catalog: Catalog,
+    stage: Any,
+    ranker: Any | None,
+    *,
+    mode: str,
+    progress: bool = True,
+    skip_texts: frozenset[str] = frozenset(),
+) -> tuple[list[Answer], int, Pipeline]:
+    """Run the rows; the LLM's answers, how many rows never reached it, and the pipeline used."""
     canonicalizer = Canonicalizer(catalog)
     gate_cfg = GateConfig(**ranker.thresholds) if ranker is not None else GateConfig()
     answers: list[Answer] = []
     skipped = 0
-    recorder = _Recorder(stage)
+    recorder = Recorder(stage)
     pipeline = Pipeline(
         catalog, canonicalizer, regex=RegexStage(catalog), ranker=ranker, llm=recorder, gate_config=gate_cfg
+    )
+    # without a ranker every catalog intent is a candidate (--no-ranker: small catalogs only)
+    everything = Decision(
+        None,
+        0.0,
+        Outcome.ABSTAIN,
+        "neural",
+        tuple(Candidate(n, 0.0) for n in catalog.intents),
+        reason="no_ranker",
     )
     started = time.monotonic()
     for n, row in enumerate(rows, 1):
@@ -106,42 +144,96 @@ def collect(
                 len(answers),
                 time.monotonic() - started,
             )
+        if row.text in skip_texts:
+            continue
+        row = gold_of(row, catalog)  # noqa: PLW2901
         if mode == "abstain":
             recorder.calls.clear()
             pipeline.parse(row.text, row.locale or None)
             if not recorder.calls:
                 skipped += 1
                 continue
-            decision = recorder.calls[-1][2]
+            decision, ms = recorder.calls[-1][2], recorder.calls[-1][3]
         else:
             canonical = canonicalizer.canonicalize(row.text, row.locale or None)
-            proposal = (
-                ranker.decide(canonical) if ranker is not None else Decision.abstain("neural", "no_ranker")
-            )
+            proposal = ranker.decide(canonical) if ranker is not None else everything
+            started_call = time.perf_counter()
             decision = stage.decide_fallback(canonical, proposal)
-        answers.append(_answer(row, decision))
-    return answers, skipped
+            ms = (time.perf_counter() - started_call) * 1000.0
+        answers.append(answer(row, decision, ms))
+    return answers, skipped, pipeline
 
 
-def fit(answers: Sequence[Answer]) -> tuple[Any, dict[str, Any]]:
-    """The calibration map and its report, from the answers that name an intent."""
-    named = [a for a in answers if a.features is not None]
-    if len(named) < MIN_ANSWERS:
+def gated(a: Answer, confidence: float, gate_cfg: GateConfig, policies: dict[str, IntentPolicy]) -> bool:
+    """Whether the pipeline's gate accepts answer ``a`` served at ``confidence``."""
+    assert a.intent is not None and a.shares is not None
+    shown = calibrated_shares(a.shares, a.intent, confidence)
+    alts = sorted(
+        (Candidate(n, p) for n, p in shown.items() if n not in (a.intent, NONE)), key=lambda c: -c.confidence
+    )
+    d = Decision(a.intent, confidence, Outcome.ACCEPT, "llm", alternatives=tuple(alts[:4]))
+    return gate(d, gate_cfg, policies.get(a.intent)).outcome is Outcome.ACCEPT
+
+
+def usefulness(
+    answers: Sequence[Answer],
+    confidence: dict[int, float],
+    gate_cfg: GateConfig,
+    policies: dict[str, IntentPolicy],
+) -> dict[str, Any]:
+    """Rescued / wrongly accepted among the rows handed to the LLM, at the given confidences.
+
+    ``confidence`` maps an answer's index to the confidence it is served at (answers without one,
+    "none", timeouts and errors, are never accepted).
+    """
+    rescued = wrong = 0
+    for i, a in enumerate(answers):
+        if i in confidence and gated(a, confidence[i], gate_cfg, policies):
+            if a.intent == a.gold:
+                rescued += 1
+            else:
+                wrong += 1
+    handed = len(answers)
+    accepted = rescued + wrong
+    return {
+        "rows_handed": handed,
+        "accepted": accepted,
+        "rescued": rescued,
+        "wrong_accepts": wrong,
+        "rescue_rate": round(rescued / handed, 4) if handed else 0.0,
+        "wrong_accept_rate": round(wrong / handed, 4) if handed else 0.0,
+        "accepted_precision": round(rescued / accepted, 4) if accepted else None,
+    }
+
+
+def fit(
+    answers: Sequence[Answer],
+    gate_cfg: GateConfig | None = None,
+    policies: dict[str, IntentPolicy] | None = None,
+    precision_target: float = 0.9,
+) -> tuple[Any, dict[str, Any]]:
+    """The calibration map and its report (with the cross-fitted ``held_out`` figures and ``accept``)."""
+    gate_cfg = gate_cfg or GateConfig()
+    policies = policies or {}
+    idx = [i for i, a in enumerate(answers) if a.features is not None]
+    if len(idx) < MIN_ANSWERS:
         raise DataError(
-            f"only {len(named)} LLM answers named an intent; at least {MIN_ANSWERS} are needed to fit "
+            f"only {len(idx)} LLM answers named an intent; at least {MIN_ANSWERS} are needed to fit "
             "the confidence (use more rows, or --rows all)"
         )
+    named = [answers[i] for i in idx]
     x = np.asarray([a.features for a in named], dtype=np.float64)
     correct = np.asarray([a.intent == a.gold for a in named])
-    raw = 1.0 / (1.0 + np.exp(-x[:, 0]))
+    raw = np.asarray([(a.shares or {}).get(a.intent or "", 0.0) for a in named])
     cal = fit_calibration(x, correct, L2, names=LLM_FEATURES)
-    w, b = cal.linear()
-    fitted = 1.0 / (1.0 + np.exp(-np.clip(x @ w + b, -40, 40)))
+    fitted = calibrate(x, cal)
     half = np.arange(len(named)) % 2 == 0
     cross = np.zeros(len(named))
     for part in (half, ~half):
-        wp, bp = fit_calibration(x[part], correct[part], L2, names=LLM_FEATURES).linear()
-        cross[~part] = 1.0 / (1.0 + np.exp(-np.clip(x[~part] @ wp + bp, -40, 40)))
+        cross[~part] = calibrate(x[~part], fit_calibration(x[part], correct[part], L2, names=LLM_FEATURES))
+    held = usefulness(answers, {i: float(c) for i, c in zip(idx, cross, strict=True)}, gate_cfg, policies)
+    precision = held["accepted_precision"]
+    accept = bool(held["rescued"] > 0 and precision is not None and precision >= precision_target)
     nones = [a for a in answers if a.intent == NONE]
     failed = [a for a in answers if a.intent is None]
     report: dict[str, Any] = {
@@ -157,12 +249,17 @@ def fit(answers: Sequence[Answer]) -> tuple[Any, dict[str, Any]]:
         "ece_raw": round(expected_calibration_error(raw, correct), 4),
         "ece_fit": round(expected_calibration_error(fitted, correct), 4),
         "ece_crossfit": round(expected_calibration_error(cross, correct), 4),
+        "held_out": held | {"how": "2-fold cross-fitted map, the pipeline's gate"},
+        "precision_target": precision_target,
+        "accept": accept,
     }
     return cal, report
 
 
-def write_sidecar(model: Path, cal: Any, report: dict[str, Any], out: Path | None = None) -> Path:
-    """Merge the calibration into the sidecar (other keys kept), validate it, and replace it atomically."""
+def write_sidecar(
+    model: Path, cal: Any, report: dict[str, Any], out: Path | None = None, precision_target: float = 0.9
+) -> Path:
+    """Merge the map and the verdict into the sidecar (other keys kept), validate, replace atomically."""
     target = out or sidecar_path(model)
     current: dict[str, Any] = {}
     if target.exists():
@@ -171,8 +268,10 @@ def write_sidecar(model: Path, cal: Any, report: dict[str, Any], out: Path | Non
             raise DataError(f"{target}: not a JSON object")
     current["calibration"] = msgspec.to_builtins(cal)
     current["calibration_report"] = report
+    current["accept"] = bool(report.get("accept", True))
+    current["precision_target"] = precision_target
     data = json.dumps(current, indent=1, ensure_ascii=False).encode() + b"\n"
-    msgspec.json.decode(data, type=LlmSettings)  # what the service will read must load
+    msgspec.json.decode(data, type=LlmSettings).check(str(target))  # what the service will read must load
     atomic_write(target, data)
     return target
 
@@ -189,7 +288,7 @@ def _rows(args: argparse.Namespace, catalog: Catalog) -> list[Row]:
     return rows_from_catalog(catalog)[1]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: PLR0914
     """CLI entry point; exit 2 on bad input."""
     parser = argparse.ArgumentParser(prog="python -m tools.llm_calibrate", description=__doc__.split("\n")[0])
     parser.add_argument("--llm-model", required=True, help="the GGUF file (its sidecar gets the result)")
@@ -201,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="at most N rows (0 = all)")
     parser.add_argument("--budget-ms", type=int, default=60000, help="per request, generous by default")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--precision-target", type=float, default=0.9, help="below it the stage stays off")
     parser.add_argument("--out", help="write the sidecar here instead of beside the model")
     parser.add_argument("--dry-run", action="store_true", help="fit and report, write nothing")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -208,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model = Path(args.llm_model).expanduser()
     try:
+        if not 0.0 < args.precision_target <= 1.0:
+            raise DataError("--precision-target must be in (0, 1]")
         catalog = load_catalog(args.catalog)
         rows = _rows(args, catalog)
         if args.limit > 0:
@@ -218,6 +320,12 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(
                 "--no-ranker sends nothing in --rows abstain mode (the ranker decides what "
                 "abstains): use --rows all"
+            )
+        current = LlmSettings.for_model(model) if model.is_file() else LlmSettings()
+        if args.no_ranker and len(catalog.intents) > current.max_candidates:
+            raise DataError(
+                f"--no-ranker scores every intent as a candidate: the catalog has {len(catalog.intents)}, "
+                f"more than max_candidates={current.max_candidates}"
             )
         if not args.no_ranker:
             cfg = load_config(overrides={"catalog_dir": args.catalog})
@@ -230,8 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             model_id = ranker.model_id
         from skill.llm import LlmStage  # noqa: PLC0415
 
-        current = LlmSettings.for_model(model) if model.is_file() else LlmSettings()
-        plain = msgspec.structs.replace(current, calibration=None, calibration_report=None)
+        plain = msgspec.structs.replace(current, calibration=None, calibration_report=None, accept=True)
         cfg = load_config(
             overrides={
                 "catalog_dir": args.catalog,
@@ -241,34 +348,48 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         stage = LlmStage.load(cfg, catalog, settings=plain)
+        in_prefix = frozenset(t for t, _ in stage.prefix_examples)
         try:
-            answers, skipped = collect(rows, catalog, stage, ranker, mode=args.rows)
+            answers, skipped, pipeline = collect(
+                rows, catalog, stage, ranker, mode=args.rows, skip_texts=in_prefix
+            )
         finally:
             stage.close()
-        cal, report = fit(answers)
+        cal, report = fit(answers, pipeline.gate_config, pipeline.policies, args.precision_target)
     except (DataError, ValueError, FileNotFoundError, ImportError) as exc:
         _LOGGER.error("%s", exc)
         return 2
     report |= {
         "mode": args.rows,
         "data": args.data or f"catalog {catalog.digest[:12]} (val split)",
+        "catalog_digest": catalog.digest[:12],
         "rows_in": len(rows),
+        "rows_in_prefix": sum(r.text in in_prefix for r in rows),
         "rows_not_sent": skipped,
         "ranker": model_id,
         "temperature": plain.temperature,
+        "prefix_tokens": len(stage.engine.prefix),
         "fitted_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     if not args.dry_run:
-        report["written_to"] = str(write_sidecar(model, cal, report, Path(args.out) if args.out else None))
+        out = Path(args.out) if args.out else None
+        report["written_to"] = str(write_sidecar(model, cal, report, out, args.precision_target))
+    held = report["held_out"]
     if args.json:
         print(json.dumps({"report": report, "calibration": msgspec.to_builtins(cal)}, indent=1))
     else:
+        precision = held["accepted_precision"]
         print(
             f"{report['rows']} answers named an intent ({report['none_answers']} said none, "
             f"{report['failed']} failed) of {report['answers']} sent; accuracy {report['accuracy']:.3f}\n"
             f"ECE raw {report['ece_raw']:.3f} -> fitted {report['ece_fit']:.3f} "
             f"(2-fold cross-fitted {report['ece_crossfit']:.3f}); mean confidence "
             f"{report['mean_confidence']:.3f}\n"
+            f"held out: rescues {held['rescued']} of {held['rows_handed']} handed rows "
+            f"({100 * held['rescue_rate']:.1f} %), {held['wrong_accepts']} wrong accepts, accepted precision "
+            + (f"{100 * precision:.1f} %" if precision is not None else "n/a")
+            + f" -> stage {'on' if report['accept'] else 'OFF'}"
+            + f" (target {100 * args.precision_target:.0f} %)\n"
             + (f"written: {report['written_to']}" if not args.dry_run else "dry run")
         )
     return 0
