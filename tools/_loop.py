@@ -45,6 +45,7 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ema_decay: float = 0.998  # > 0: export an exponential moving average of the weights (0: last weights)
     ema_start: float = 0.5  # share of the training steps after which the average starts
     tag_weight: float = 0.5  # token cross-entropy of the slot-tagging head (rows with span labels only)
+    distill_weight: float = 1.0  # cosine loss towards the teacher's embedding (only with teacher targets)
 
 
 def _batches(
@@ -81,11 +82,15 @@ def fit_net(
     progress: bool,
     tags: Sequence[list[int] | None] | None = None,
     n_tags: int = 0,
+    teacher: np.ndarray | None = None,
 ) -> Net:
     """Train a fresh :class:`Net` on canonicalized texts; label -1 marks out-of-scope rows.
 
     ``tags`` gives, per row, a BIO label id per model token (None: the row has no span labels); with
-    ``n_tags`` > 0 a tagging head is trained on them jointly.
+    ``n_tags`` > 0 a tagging head is trained on them jointly. ``teacher`` [rows, D] are a teacher's
+    centred, normalized embeddings of the rows' raw texts: a linear head (not exported) maps the
+    student's kNN embedding onto them under a cosine loss, so that embedding carries the teacher's
+    geometry (paraphrases the teacher puts together land together) next to the labels' contrast.
     """
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, min(cfg.threads, 2)))
@@ -97,6 +102,13 @@ def fit_net(
     row_tags: list[list[int] | None] = list(tags) if n_tags and tags is not None else [None] * len(texts)
     sparse_ids = {id(p) for p in net.sparse_parameters()}
     dense = [p for p in net.parameters() if id(p) not in sparse_ids]
+    distill_head: torch.nn.Linear | None = None
+    t_all: torch.Tensor | None = None
+    if teacher is not None and cfg.distill_weight > 0:
+        # A linear map from the exported kNN embedding: what it must carry of the teacher's space.
+        distill_head = torch.nn.Linear(net.cfg.proj_dim, teacher.shape[1])
+        dense += list(distill_head.parameters())
+        t_all = torch.from_numpy(np.ascontiguousarray(teacher, dtype=np.float32))
     opts = [
         torch.optim.AdamW(dense, lr=cfg.lr, weight_decay=cfg.weight_decay),
         torch.optim.SparseAdam(net.sparse_parameters(), lr=cfg.lr),
@@ -136,9 +148,12 @@ def fit_net(
                 hit = (torch.rand(words.shape, generator=gen) < cfg.word_dropout) & (words > 0)
                 words = words.masked_fill(hit, UNK)
             y = y_all[batch]
-            logits, le, lb, emb, tag_logits = net.forward_train(chars, words, grams)
+            logits, le, lb, emb, tag_logits, _ = net.forward_train(chars, words, grams)
             inside = y >= 0
             loss = emb.sum() * 0.0
+            if distill_head is not None and t_all is not None:
+                pred = F.normalize(distill_head(emb), dim=1)
+                loss = loss + cfg.distill_weight * (1.0 - (pred * t_all[batch]).sum(dim=1)).mean()
             if tag_logits is not None and cfg.tag_weight > 0:
                 width = tag_logits.shape[1]
                 gold = torch.full((len(batch), width), -100, dtype=torch.long)

@@ -95,14 +95,16 @@ class Net(nn.Module):
 
     def forward_train(
         self, chars: torch.Tensor, words: torch.Tensor, ngrams: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Combined logits, encoder logits, bag logits, normalized embedding, tag logits [B, W, T]."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Combined logits, encoder logits, bag logits, normalized embedding, tag logits [B, W, T],
+        and the pooled features [B, 4H + bag_dim] (what a training-only teacher head reads)."""
         enc, bag, states = self.branches(chars, words, ngrams)
         enc_d, bag_d = self.drop(enc), self.drop(bag)
         le, lb = self.head_enc(enc_d), self.head_bag(bag_d)
-        emb = F.normalize(self.proj(torch.cat([enc_d, bag_d], dim=1)), dim=1)
+        feats = torch.cat([enc_d, bag_d], dim=1)
+        emb = F.normalize(self.proj(feats), dim=1)
         tags = self.head_tag(self.drop(states)) if self.head_tag is not None else None
-        return le + lb, le, lb, emb, tags
+        return le + lb, le, lb, emb, tags, feats
 
     def forward(self, chars: torch.Tensor, words: torch.Tensor, ngrams: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Export path: class probabilities, the normalized embedding and (with a head) tag probabilities."""

