@@ -302,8 +302,16 @@ def test_embedded_model_is_reproducible(tmp_path: Path) -> None:
     assert data_digest(train + val) == manifest.data_digest, (
         "catalog changed since the embedded model was trained: run python -m tools.train --activate"
     )
+    trained_with = json.loads((committed / "ranker_config.json").read_text(encoding="utf-8"))["train"]
     path = trainer.train_model(
-        train, val, tmp_path, catalog=catalog, seed=manifest.seed, progress=False, use_oos_train=True
+        train,
+        val,
+        tmp_path,
+        catalog=catalog,
+        seed=manifest.seed,
+        progress=False,
+        use_oos_train=True,
+        teacher=trained_with.get("teacher"),
     )
     new = msgspec.json.decode((path / "metrics.json").read_bytes())
     old = msgspec.json.decode((committed / "metrics.json").read_bytes())
