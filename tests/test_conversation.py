@@ -9,11 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from aiohttp.test_utils import TestClient
 
 from skill.app import create_app
-from skill.canonicalize import Canonicalizer
+from skill.canonicalize import Ambiguity, Canonicalizer
 from skill.catalog import load_catalog
 from skill.config import Config
 from skill.conversation import Conversation, Request, to_wire
@@ -537,3 +538,22 @@ async def test_http_split_search_costs_are_bounded(
     text = "включи свет и музыку и таймер и будильник и погоду и ещё что-нибудь и снова"
     await parse(client, text)
     assert len(ranker.calls) <= 1 + 15 + 15  # the whole, at most 15 spans of 4 cuts, their carry-overs
+
+
+def test_clarify_which_entity_when_the_intent_is_settled(canon: Canonicalizer) -> None:
+    c = canon.canonicalize("выключи свет")
+    amb = msgspec.structs.replace(
+        c,
+        ambiguities=(
+            Ambiguity("свет", ("device:light:living_floor_lamp", "device:light:living_chandelier")),
+        ),
+    )
+    d = _abstain(("device.turn_off", 0.93), reason="below_intent_threshold")
+    q = for_decision(d, amb, GateConfig(), canon.catalog)
+    assert q is not None and q.question_kind == "which_entity"
+    assert (q.intent, q.text, q.domain) == ("device.turn_off", "свет", "device")
+    assert [(x.ref, x.label) for x in q.candidates] == [
+        ("device:light:living_floor_lamp", "торшер"),
+        ("device:light:living_chandelier", "люстра"),
+    ]
+    assert for_decision(d, c, GateConfig(), canon.catalog) is None  # no ambiguity: nothing to ask
