@@ -465,8 +465,11 @@ async def test_http_context_never_turns_an_abstention_into_an_accept(client: Tes
     assert other["decision"] == "reject" and other["context"]["action"] == "noop"
 
 
-async def test_http_clarify_between_domains_then_the_answer(client: TestClient) -> None:
-    body = await parse(client, "поставь на 7:30", session_id="q", request_id="q1")
+@pytest.mark.parametrize(
+    ("ask", "reply"), [("поставь на 7:30", "будильник"), ("set it for 7:30", "the alarm")]
+)
+async def test_http_clarify_between_domains_then_the_answer(client: TestClient, ask: str, reply: str) -> None:
+    body = await parse(client, ask, session_id="q", request_id="q1")
     assert body["decision"] == "abstain" and body["top_intent"] in ("", "alarm.set")
     q = body["clarify"]
     assert q["question_kind"] == "which_intent" and q["domain"] is None
@@ -474,14 +477,14 @@ async def test_http_clarify_between_domains_then_the_answer(client: TestClient) 
         ("alarm.set", "alarm"),
         ("voice.timer.start", "voice.timer"),
     ]
-    answer = await parse(client, "будильник", session_id="q", request_id="q2")
+    answer = await parse(client, reply, session_id="q", request_id="q2")
     assert (answer["decision"], answer["top_intent"], answer["slots"]) == (
         "accept",
         "alarm.set",
         {"time": "07:30"},
     )
     assert answer["context"] == {"action": "start", "refers_to": "q1", "resolution": "clarify_answer"}
-    again = await parse(client, "будильник", session_id="q")  # the question is closed now
+    again = await parse(client, reply, session_id="q")  # the question is closed now
     assert again["decision"] == "abstain" and again["context"]["action"] == "noop"
 
 
@@ -494,9 +497,23 @@ async def test_http_clarify_inside_a_domain_then_the_answer(client: TestClient) 
     assert answer["context"]["refers_to"] == "d1"
 
 
-async def test_http_clarify_which_entity_after_a_room_follow_up(client: TestClient) -> None:
-    await parse(client, "выключи свет на кухне", session_id="e", request_id="e1")
-    body = await parse(client, "а в гостиной?", session_id="e", request_id="e2")  # two lights there
+@pytest.mark.parametrize(
+    ("first", "follow", "reply", "labels"),
+    [
+        ("выключи свет на кухне", "а в гостиной?", "торшер", {"торшер", "люстра"}),
+        (
+            "turn off the kitchen light",
+            "and the living room?",
+            "the floor lamp",
+            {"floor lamp", "chandelier"},
+        ),
+    ],
+)
+async def test_http_clarify_which_entity_after_a_room_follow_up(
+    client: TestClient, first: str, follow: str, reply: str, labels: set[str]
+) -> None:
+    await parse(client, first, session_id="e", request_id="e1")
+    body = await parse(client, follow, session_id="e", request_id="e2")  # two lights there
     assert body["decision"] == "abstain" and body["reason"] == "ambiguous_entity"
     q = body["clarify"]
     assert q["question_kind"] == "which_entity" and q["intent"] == "device.turn_off"
@@ -504,8 +521,8 @@ async def test_http_clarify_which_entity_after_a_room_follow_up(client: TestClie
         "device:light:living_floor_lamp",
         "device:light:living_chandelier",
     }
-    assert {c["label"] for c in q["candidates"]} == {"торшер", "люстра"}
-    answer = await parse(client, "торшер", session_id="e")
+    assert {c["label"] for c in q["candidates"]} == labels
+    answer = await parse(client, reply, session_id="e")
     assert (answer["top_intent"], answer["slots"]) == (
         "device.turn_off",
         {"device": "device:light:living_floor_lamp"},
