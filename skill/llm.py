@@ -31,15 +31,14 @@ from .llm_prompt import (
     BatchPlan,
     LlmSettings,
     calibrated_shares,
+    combined,
     continuation,
     fewshot_prefix,
     labels,
-    llm_features,
     normalise,
     plan_batch,
     request_line,
 )
-from .scoring import calibrate
 
 _LOGGER = logging.getLogger(__name__)
 VIA = "llm"
@@ -376,15 +375,21 @@ class LlmStage:
         probs = {n: float(p) for n, p in zip(scores.names, shares, strict=True)}
         raw = dict(zip(scores.names, normalise(scores.logliks, 1.0), strict=True))
         ranker = dict(candidates)
-        intent = max(probs, key=probs.__getitem__)
+        own = max(probs, key=probs.__getitem__)  # the model's own choice, "none" included
+        intent = own
+        q: dict[str, float] = {}
+        if self._calibration is not None and candidates:
+            q = combined(probs, candidates, self._calibration)
+            intent = max(q, key=q.__getitem__)
         evidence: dict[str, Any] = {
             "candidates": [
                 {"intent": n, "score": round(ranker.get(n, 0.0), 4), "loglik": round(ll, 3)}
                 for n, ll in zip(scores.names, scores.logliks, strict=True)
             ],
             "chosen": intent,
-            "probability_raw": round(float(raw[intent]), 4),
-            "probability_tempered": probs[intent],  # unrounded: the calibration tool reads it
+            "llm_choice": own,
+            "probability_raw": round(float(raw[own]), 4),
+            "probability_tempered": probs[own],
             "llm_shares": dict(probs),
             "temperature": temp,
             "prompt_tokens": scores.request_tokens,
@@ -395,12 +400,10 @@ class LlmStage:
             "model": self.model_name,
         }
         shown = dict(probs)
-        if intent != NONE and self._calibration is not None:
-            conf = float(calibrate(llm_features(probs, intent, candidates), self._calibration))
-            evidence["calibrated"] = True
-            shown = calibrated_shares(probs, intent, conf)  # like the ranker's alternatives
-        else:
-            evidence["calibrated"] = False
+        evidence["calibrated"] = bool(q)
+        if q:  # the others share what the chosen one's confidence leaves, like the ranker's alternatives
+            shown = calibrated_shares(q, intent, q[intent])
+            evidence["map"] = {n: round(v, 4) for n, v in q.items()}
         for cand in evidence["candidates"]:
             cand["llm"] = round(shown.get(cand["intent"], 0.0), 4)
         evidence["p_none"] = round(probs[NONE], 4)

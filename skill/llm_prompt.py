@@ -20,7 +20,7 @@ import msgspec
 import numpy as np
 
 from .catalog import Catalog
-from .scoring import Calibration
+from .scoring import Calibration, calibrate
 
 NONE = "none"  # the answer "no catalog intent fits"
 ARROW = " =>"  # a request line ends here; the continuation starts with a space
@@ -257,6 +257,19 @@ def llm_features(probs: dict[str, float], intent: str, candidates: Sequence[tupl
     scores = dict(candidates)
     top = 1.0 if candidates and candidates[0][0] == intent else 0.0
     return np.array([_logit(p), _logit(p) - _logit(runner), float(scores.get(intent, 0.0)), top])
+
+
+def combined(
+    probs: dict[str, float],
+    candidates: Sequence[tuple[str, float]],
+    cal: Calibration | tuple[np.ndarray, float],
+) -> dict[str, float]:
+    """The fitted map's P(right) for every ranker candidate: its likelihood share and the ranker's view.
+
+    The map is fitted on every candidate of the held-out requests (right or not), so the stage can
+    pick the candidate the combination trusts most, not only the one the model likes best.
+    """
+    return {n: float(calibrate(llm_features(probs, n, candidates), cal)[()]) for n, _ in candidates}
 
 
 def calibrated_shares(probs: dict[str, float], intent: str, confidence: float) -> dict[str, float]:

@@ -59,15 +59,20 @@ L2 = 1.0
 
 
 class Answer(msgspec.Struct, frozen=True):
-    """One LLM answer on a labelled row."""
+    """The stage's scores on one labelled row."""
 
     text: str
     gold: str  # a catalog intent or "oos"
-    intent: str | None  # what the LLM chose ("none" included); None on timeout or error
+    intent: str | None  # the model's own choice ("none" included); None on timeout or error
     reason: str
-    features: tuple[float, ...] | None  # LLM_FEATURES, for answers that name an intent
-    shares: dict[str, float] | None = None  # the normalised likelihoods (uncalibrated)
+    shares: dict[str, float] | None = None  # the normalised likelihoods (candidates and "none")
+    candidates: tuple[tuple[str, float], ...] = ()  # the ranker's candidates and scores, in order
     ms: float = 0.0
+
+    def features(self) -> dict[str, np.ndarray]:
+        """LLM_FEATURES of every candidate (the map is fitted on all of them, right or not)."""
+        shares = self.shares or {}
+        return {n: llm_features(shares, n, self.candidates) for n, _ in self.candidates}
 
 
 class Recorder:
@@ -85,16 +90,13 @@ class Recorder:
 
 
 def answer(row: Row, decision: Decision, ms: float = 0.0) -> Answer:
-    """What the stage said on ``row``, with the features of its (uncalibrated) choice."""
+    """What the stage scored on ``row`` (it runs uncalibrated here, so its choice is the model's)."""
     ev = decision.evidence
     shares = ev.get("llm_shares")
-    if decision.intent is not None and decision.outcome is Outcome.ACCEPT:
-        cands = [(c["intent"], float(c["score"])) for c in ev.get("candidates", []) if c["intent"] != NONE]
-        feats = llm_features(dict(shares or {}), decision.intent, cands)
-        return Answer(row.text, row.intent, decision.intent, "", tuple(float(v) for v in feats), shares, ms)
-    if decision.reason == "llm_none":
-        return Answer(row.text, row.intent, NONE, decision.reason, None, shares, ms)
-    return Answer(row.text, row.intent, None, decision.reason or decision.outcome.value, None, None, ms)
+    if shares is None:  # a timeout, an error, a request too long
+        return Answer(row.text, row.intent, None, decision.reason or decision.outcome.value, ms=ms)
+    cands = tuple((c["intent"], float(c["score"])) for c in ev.get("candidates", []) if c["intent"] != NONE)
+    return Answer(row.text, row.intent, ev.get("llm_choice"), decision.reason or "", dict(shares), cands, ms)
 
 
 def gold_of(row: Row, catalog: Catalog) -> Row:
@@ -164,32 +166,33 @@ def collect(
     return answers, skipped, pipeline
 
 
-def gated(a: Answer, confidence: float, gate_cfg: GateConfig, policies: dict[str, IntentPolicy]) -> bool:
-    """Whether the pipeline's gate accepts answer ``a`` served at ``confidence``."""
-    assert a.intent is not None and a.shares is not None
-    shown = calibrated_shares(a.shares, a.intent, confidence)
-    alts = sorted(
-        (Candidate(n, p) for n, p in shown.items() if n not in (a.intent, NONE)), key=lambda c: -c.confidence
-    )
-    d = Decision(a.intent, confidence, Outcome.ACCEPT, "llm", alternatives=tuple(alts[:4]))
-    return gate(d, gate_cfg, policies.get(a.intent)).outcome is Outcome.ACCEPT
+def gated(intent: str, q: dict[str, float], gate_cfg: GateConfig, policies: dict[str, IntentPolicy]) -> bool:
+    """Whether the pipeline's gate accepts ``intent`` served with the map's outputs ``q``."""
+    shown = calibrated_shares(q, intent, q[intent])
+    alts = sorted((Candidate(n, p) for n, p in shown.items() if n != intent), key=lambda c: -c.confidence)
+    d = Decision(intent, q[intent], Outcome.ACCEPT, "llm", alternatives=tuple(alts[:4]))
+    return gate(d, gate_cfg, policies.get(intent)).outcome is Outcome.ACCEPT
 
 
 def usefulness(
     answers: Sequence[Answer],
-    confidence: dict[int, float],
+    served: dict[int, dict[str, float]],
     gate_cfg: GateConfig,
     policies: dict[str, IntentPolicy],
 ) -> dict[str, Any]:
-    """Rescued / wrongly accepted among the rows handed to the LLM, at the given confidences.
+    """Rescued / wrongly accepted among the rows handed to the LLM.
 
-    ``confidence`` maps an answer's index to the confidence it is served at (answers without one,
-    "none", timeouts and errors, are never accepted).
+    ``served`` maps an answer's index to the map's output per candidate; the stage serves the best
+    one. Answers without (timeouts, errors) are never accepted.
     """
     rescued = wrong = 0
     for i, a in enumerate(answers):
-        if i in confidence and gated(a, confidence[i], gate_cfg, policies):
-            if a.intent == a.gold:
+        q = served.get(i)
+        if not q:
+            continue
+        intent = max(q, key=q.__getitem__)
+        if gated(intent, q, gate_cfg, policies):
+            if intent == a.gold:
                 rescued += 1
             else:
                 wrong += 1
@@ -206,49 +209,84 @@ def usefulness(
     }
 
 
+def _stack(answers: Sequence[Answer]) -> tuple[np.ndarray, np.ndarray]:
+    rows = [(f, name == a.gold) for a in answers for name, f in a.features().items()]
+    return np.asarray([f for f, _ in rows], dtype=np.float64), np.asarray([y for _, y in rows])
+
+
+def _serve(a: Answer, cal: Any) -> dict[str, float]:
+    return {n: float(calibrate(f, cal)[()]) for n, f in a.features().items()}
+
+
 def fit(
     answers: Sequence[Answer],
     gate_cfg: GateConfig | None = None,
     policies: dict[str, IntentPolicy] | None = None,
     precision_target: float = 0.9,
 ) -> tuple[Any, dict[str, Any]]:
-    """The calibration map and its report (with the cross-fitted ``held_out`` figures and ``accept``)."""
+    """The map, fitted on every candidate of every scored row, and its report.
+
+    The report has the raw, fitted and 2-fold cross-fitted calibration error of the served choice,
+    the cross-fitted ``held_out`` figures through the pipeline's gate, and the verdict ``accept``.
+    """
     gate_cfg = gate_cfg or GateConfig()
     policies = policies or {}
-    idx = [i for i, a in enumerate(answers) if a.features is not None]
+    idx = [i for i, a in enumerate(answers) if a.shares is not None and a.candidates]
     if len(idx) < MIN_ANSWERS:
         raise DataError(
-            f"only {len(idx)} LLM answers named an intent; at least {MIN_ANSWERS} are needed to fit "
-            "the confidence (use more rows, or --rows all)"
+            f"only {len(idx)} requests were scored with candidates; at least {MIN_ANSWERS} are needed to "
+            "fit the confidence (use more rows, or --rows all)"
         )
-    named = [answers[i] for i in idx]
-    x = np.asarray([a.features for a in named], dtype=np.float64)
-    correct = np.asarray([a.intent == a.gold for a in named])
-    raw = np.asarray([(a.shares or {}).get(a.intent or "", 0.0) for a in named])
-    cal = fit_calibration(x, correct, L2, names=LLM_FEATURES)
-    fitted = calibrate(x, cal)
-    half = np.arange(len(named)) % 2 == 0
-    cross = np.zeros(len(named))
+    scored = [answers[i] for i in idx]
+    x, y = _stack(scored)
+    cal = fit_calibration(x, y, L2, names=LLM_FEATURES)
+    half = np.arange(len(scored)) % 2 == 0
+    cross: dict[int, dict[str, float]] = {}
     for part in (half, ~half):
-        cross[~part] = calibrate(x[~part], fit_calibration(x[part], correct[part], L2, names=LLM_FEATURES))
-    held = usefulness(answers, {i: float(c) for i, c in zip(idx, cross, strict=True)}, gate_cfg, policies)
+        train = [a for a, p in zip(scored, part, strict=True) if p]
+        fold = fit_calibration(*_stack(train), L2, names=LLM_FEATURES)
+        for k in np.flatnonzero(~part):
+            cross[idx[k]] = _serve(scored[k], fold)
+
+    def choice(q: dict[str, float]) -> tuple[str, float]:
+        best = max(q, key=q.__getitem__)
+        return best, q[best]
+
+    fitted = [choice(_serve(a, cal)) for a in scored]
+    crossed = [choice(cross[i]) for i in idx]
+    own = [(a.intent, (a.shares or {}).get(a.intent or "", 0.0)) for a in scored]
+    gold = [a.gold for a in scored]
+
+    def ece(pairs: list[tuple[str | None, float]]) -> float:
+        conf = np.asarray([c for _, c in pairs])
+        right = np.asarray(
+            [n == g or (n == NONE and g == OOS) for (n, _), g in zip(pairs, gold, strict=True)]
+        )
+        return round(expected_calibration_error(conf, right), 4)
+
+    held = usefulness(answers, cross, gate_cfg, policies)
     precision = held["accepted_precision"]
     accept = bool(held["rescued"] > 0 and precision is not None and precision >= precision_target)
-    nones = [a for a in answers if a.intent == NONE]
-    failed = [a for a in answers if a.intent is None]
+    failed = [a for a in answers if a.shares is None]
     report: dict[str, Any] = {
-        "rows": len(named),
+        "rows": len(scored),
+        "candidates": len(y),
         "answers": len(answers),
-        "none_answers": len(nones),
-        "none_on_oos": sum(a.gold == OOS for a in nones),
+        "none_answers": sum(a.intent == NONE for a in scored),
+        "none_on_oos": sum(a.intent == NONE and a.gold == OOS for a in scored),
         "failed": len(failed),
         "failed_reasons": sorted({a.reason for a in failed}),
-        "accuracy": round(float(correct.mean()), 4),
-        "mean_raw_probability": round(float(raw.mean()), 4),
-        "mean_confidence": round(float(fitted.mean()), 4),
-        "ece_raw": round(expected_calibration_error(raw, correct), 4),
-        "ece_fit": round(expected_calibration_error(fitted, correct), 4),
-        "ece_crossfit": round(expected_calibration_error(cross, correct), 4),
+        "llm_accuracy": round(
+            float(np.mean([n == g or (n == NONE and g == OOS) for (n, _), g in zip(own, gold, strict=True)])),
+            4,
+        ),
+        "ranker_top_accuracy": round(float(np.mean([a.candidates[0][0] == a.gold for a in scored])), 4),
+        "accuracy": round(float(np.mean([n == g for (n, _), g in zip(crossed, gold, strict=True)])), 4),
+        "mean_raw_probability": round(float(np.mean([c for _, c in own])), 4),
+        "mean_confidence": round(float(np.mean([c for _, c in fitted])), 4),
+        "ece_raw": ece(own),
+        "ece_fit": ece(fitted),
+        "ece_crossfit": ece(crossed),
         "held_out": held | {"how": "2-fold cross-fitted map, the pipeline's gate"},
         "precision_target": precision_target,
         "accept": accept,
@@ -380,8 +418,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0914
     else:
         precision = held["accepted_precision"]
         print(
-            f"{report['rows']} answers named an intent ({report['none_answers']} said none, "
-            f"{report['failed']} failed) of {report['answers']} sent; accuracy {report['accuracy']:.3f}\n"
+            f"{report['rows']} requests scored ({report['none_answers']} liked none best, "
+            f"{report['failed']} failed) of {report['answers']} sent; the model alone right on "
+            f"{report['llm_accuracy']:.3f}, the ranker's first on {report['ranker_top_accuracy']:.3f}, "
+            f"the map's choice (cross-fitted) on {report['accuracy']:.3f}\n"
             f"ECE raw {report['ece_raw']:.3f} -> fitted {report['ece_fit']:.3f} "
             f"(2-fold cross-fitted {report['ece_crossfit']:.3f}); mean confidence "
             f"{report['mean_confidence']:.3f}\n"
