@@ -43,6 +43,7 @@ class RankerConfig(msgspec.Struct, frozen=True):
     train: dict[str, Any] = msgspec.field(default_factory=dict)
     tags: list[str] = msgspec.field(default_factory=list)  # BIO labels of the tagging head ([]: none)
     tag_slots: dict[str, list[str]] = msgspec.field(default_factory=dict)  # intent -> slots it may tag
+    tag_raw_intents: list[str] = msgspec.field(default_factory=list)  # bench intents: placeholders taggable
 
 
 class IntentInfo(msgspec.Struct, frozen=True):
@@ -139,6 +140,7 @@ class Ranker:
         self.added = {"examples": 0, "negatives": 0, "skipped_unknown_intent": 0}
         self._tags = config.tags if len(session.get_outputs()) > 2 else []
         self._tag_slots = {k: set(v) for k, v in config.tag_slots.items()}
+        self._tag_raw = set(config.tag_raw_intents)
         self._pattern = re.compile(featurizer.spec.token_pattern)
 
     @classmethod
@@ -234,7 +236,8 @@ class Ranker:
             tag_probs = self._run(model_text(canonical))[2]
         if tag_probs is None:
             return []
-        return [msgspec.to_builtins(s) for s in decode(tag_probs[0], self._tags, tmap, canonical, allowed)]
+        spans = decode(tag_probs[0], self._tags, tmap, canonical, allowed, placeholders=intent in self._tag_raw)
+        return [msgspec.to_builtins(s) for s in spans]
 
     def _search(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float | None, int]:
         """kNN sims, their labels and example rows, and the nearest negative's sim and row."""

@@ -102,8 +102,13 @@ def bio_labels(
     spans: Sequence[tuple[int, int, str]],
     tags: Sequence[str],
     tmap: TokenMap,
+    raw: bool = False,
 ) -> list[int]:
-    """Label ids per model token: the tagged slots of unmasked words; placeholders stay ``O``."""
+    """Label ids per model token: the tagged slots of unmasked words; placeholders stay ``O``.
+
+    ``raw``: the row's intent is no catalog intent (bench data), so no slot of it is canonicalization's:
+    a placeholder inside a span takes the span's label too.
+    """
     index = {t: i for i, t in enumerate(tags)}
     norm_label: dict[int, str] = {}
     norm_span: dict[int, tuple[int, int]] = {}
@@ -125,7 +130,7 @@ def bio_labels(
             # A placeholder inside an open span ("play {number} luftballons") belongs to the span;
             # any other placeholder is canonicalization's and stays O.
             span = norm_span.get(a)
-            inside = span is not None and span[0] <= a and b <= span[1] and span != (a, b)
+            inside = span is not None and span[0] <= a and b <= span[1] and (raw or span != (a, b))
             label = label if inside and label != O_TAG else O_TAG
         if label.startswith("I-") and prev_range == (a, b):
             pass  # a normalized token cut into several model tokens ("7:30" unmasked): keep I-
@@ -144,13 +149,15 @@ def decode(
     canonical: Canonical,
     allowed: set[str] | None,
     min_confidence: float = 0.5,
+    placeholders: bool = False,
 ) -> list[TaggedSpan]:
     """Constrained decode: only ``allowed`` slots, a word is in a span when P(not O) > 1/2.
 
     ``probs`` is [tokens, tags]. Per word, the slot is the one with the most B + I mass; adjacent
     words of the same slot form one span (one value per slot). A span's confidence is the mean
     P(not O) of its words; spans below ``min_confidence`` are dropped, so are spans that start on
-    a placeholder (canonicalization's). Surface text and offsets come from the raw text.
+    a placeholder (canonicalization's) unless ``placeholders``. Surface text and offsets come from the
+    raw text.
     """
     slots = sorted({t[2:] for t in tags if t != O_TAG and (allowed is None or t[2:] in allowed)})
     if not slots:
@@ -170,7 +177,7 @@ def decode(
         if spans and spans[-1][0] == slot and spans[-1][2] >= a and last_end == i - 1:
             s0, first, end, ps = spans[-1]
             spans[-1] = (s0, first, max(end, b), [*ps, p_in])
-        elif not tmap.placeholder[i]:
+        elif placeholders or not tmap.placeholder[i]:
             spans.append((slot, a, b, [p_in]))
         else:
             continue

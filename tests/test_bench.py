@@ -190,3 +190,47 @@ def test_end_to_end_on_generated_data(tmp_path: Path) -> None:
     assert len(preds.test) == 28 and len(preds.val) == 6
     for name in ("report.md", "reliability.png", "risk_coverage.png"):
         assert (out / name).stat().st_size > 0
+
+
+_ARTISTS = ["queen", "abba", "metallica", "adele", "coldplay", "nirvana", "madonna", "shakira", "eminem",
+            "oasis", "radiohead", "blur", "muse", "u2", "sting", "bjork", "prince", "beyonce"]  # fmt: skip
+_PLACES = ["paris", "oslo", "lima", "cairo", "tokyo", "dublin", "quito", "accra", "perth", "hanoi",
+           "lagos", "turin", "porto", "bern", "kiev", "riga", "baku", "doha"]  # fmt: skip
+
+
+def _span_rows(name: str, templates: list[str], slot: str, fillers: list[str], split: str) -> list[dict]:
+    rows = []
+    for i, value in enumerate(fillers):
+        t = templates[i % len(templates)]
+        start = t.index("{}")
+        text = t.format(value)
+        rows.append({"text": text, "intent": name, "lang": "en", "split": split,
+                     "spans": [{"start": start, "end": start + len(value), "slot": slot}]})  # fmt: skip
+    return rows
+
+
+@pytest.mark.skipif(not _HAS_TRAINER, reason="tools.train / skill.ranker not there yet")
+def test_bench_reports_slot_scores_on_unseen_names(tmp_path: Path) -> None:
+    music = ["play something by {}", "put on {} please", "i want to hear {}", "play {} now"]
+    travel = ["book a trip to {}", "flights to {} please", "i want to fly to {}", "find hotels in {}"]
+    lines = (
+        _span_rows("PlayMusic", music, "artist", _ARTISTS[:14], "train")
+        + _span_rows("BookTrip", travel, "place", _PLACES[:14], "train")
+        + _span_rows("PlayMusic", music, "artist", _ARTISTS[14:], "test")  # names never seen in training
+        + _span_rows("BookTrip", travel, "place", _PLACES[14:], "test")
+        + [{"text": t, "intent": "oos", "lang": "en", "split": "test"} for t in _OOS[:2]]
+    )
+    data, out = tmp_path / "spans.jsonl", tmp_path / "out"
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    argv = ["--data", str(data), "--out", str(out), "--catalog", str(REPO_ROOT / "catalog")]
+    assert bench.main(argv) == 0
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert {"slot_precision", "slot_recall", "slot_f1", "frame_accuracy", "slot_f1_by_slot"} <= set(report)
+    assert set(report["slot_f1_by_slot"]) >= {"artist", "place"}
+    assert report["slot_f1"] >= 0.5, report["slot_f1_by_slot"]
+    # A file without spans is intent-only: the slot keys are there and null.
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({k: v for k, v in x.items() if k != "spans"}) + "\n" for x in lines))
+    assert bench.main(["--data", str(plain), "--out", str(tmp_path / "o2"), "--catalog", str(REPO_ROOT / "catalog")]) == 0
+    report = json.loads((tmp_path / "o2" / "report.json").read_text(encoding="utf-8"))
+    assert report["slot_f1"] is None and report["slot_f1_by_slot"] is None

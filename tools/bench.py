@@ -34,6 +34,7 @@ from skill.gate import GateConfig
 from skill.pipeline import Pipeline
 
 from . import metrics
+from .slot_metrics import SlotScores, gold_spans, predicted_spans
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class BenchRow(msgspec.Struct, frozen=True):
     split: str = "test"
     locale: str = ""
     lang: str = ""
+    spans: list[dict[str, Any]] | None = None  # [{start, end, slot, value?}] over text; None: intent only
 
 
 class EvalOutput(msgspec.Struct, frozen=True):
@@ -79,6 +81,7 @@ class EvalOutput(msgspec.Struct, frozen=True):
     policy_overlap: list[str]
     val: list[metrics.Prediction]
     test: list[metrics.Prediction]
+    slots: dict[str, Any] = msgspec.field(default_factory=dict)  # span scores over test rows with spans
 
 
 class _Labelled(Protocol):
@@ -167,6 +170,8 @@ def evaluate(
     for row in warm:
         pipeline.parse(row.text, row.locale or row.lang or None)
     out: dict[str, list[metrics.Prediction]] = {"val": [], "test": []}
+    slot_scores = SlotScores()
+    frames = [0, 0]  # right frames, test rows with spans
     ordered = [r for r in rows if r.split == "val"] + [r for r in rows if r.split == "test"]
     added: dict[str, int] | None = None
     for row in ordered:
@@ -190,6 +195,11 @@ def evaluate(
         elapsed = (time.perf_counter() - started) * 1000.0
         neural = next((t.ms for t in result.stages if t.stage == "neural"), None)
         d = result.decision
+        if row.split == "test" and row.spans is not None:
+            pred = _predicted(d, catalog)
+            exact = slot_scores.add(pred, gold_spans(row.text, row.spans))
+            frames[0] += bool(exact and d.outcome.value == "accept" and d.intent == row.intent)
+            frames[1] += 1
         # A rejection without an intent still names its top-ranked candidate first among the alternatives.
         top = d.intent or (d.alternatives[0].intent if d.alternatives else None)
         out[row.split].append(
@@ -222,7 +232,23 @@ def evaluate(
         policy_overlap=sorted(gold_intents & set(pipeline.policies)),
         val=out["val"],
         test=out["test"],
+        slots={
+            **slot_scores.report(),
+            "frame_accuracy": round(frames[0] / frames[1], 4) if frames[1] else None,
+            "rows_with_spans": frames[1],
+        },
     )
+
+
+def _predicted(d: Any, catalog: Any) -> list[dict[str, Any]]:
+    """A decision's slots as spans: the catalog intent's filled slots, else the tagger's spans."""
+    intent = catalog.intents.get(d.intent or "")
+    if intent is not None:
+        sources = {n: (s.source or n) for n, s in intent.slots.items()}
+        return predicted_spans(d.slots, d.evidence, sources)
+    return [
+        {"slot": sp["slot"], "text": sp["text"], "value": sp["text"]} for sp in d.evidence.get("tagged_spans") or ()
+    ]
 
 
 def run_child(  # noqa: PLR0917 - the child's flags, one to one
@@ -290,6 +316,11 @@ def build_report(
         precision_at_oracle=scores.precision_at_oracle,
         val_threshold=scores.val_threshold,
         counts={"test": scores.n_test, "inscope": scores.n_inscope, "oos": scores.n_oos, "val": len(ev.val)},
+        slot_precision=ev.slots.get("slot_precision"),
+        slot_recall=ev.slots.get("slot_recall"),
+        slot_f1=ev.slots.get("slot_f1"),
+        frame_accuracy=ev.slots.get("frame_accuracy"),
+        slot_f1_by_slot=ev.slots.get("slot_f1_by_slot"),
         per_intent=s["per_intent"],
         confusions=s["confusions"],
         oos_accepted_as=s["oos_accepted_as"],
@@ -367,7 +398,13 @@ def _train(args: argparse.Namespace, out: Path) -> tuple[Path, float | None, dic
         )
         seconds = time.perf_counter() - started
     eval_rows = [
-        BenchRow(r.text, r.intent, split=s, locale=r.locale)
+        BenchRow(
+            r.text,
+            r.intent,
+            split=s,
+            locale=r.locale,
+            spans=[{"start": a, "end": b, "slot": n} for a, b, n in r.spans] if r.spans is not None else None,
+        )
         for s, rs in (("val", val_rows), ("test", test_rows))
         for r in rs
     ]

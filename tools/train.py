@@ -156,13 +156,28 @@ def _tag_slots(rows: list[Row], catalog: Catalog) -> list[str]:
     value_sources = set(VALUE_SLOTS) | {"city"}
     names: set[str] = set()
     for row in rows:
-        spec_slots = catalog.intents[row.intent].slots if row.intent in catalog.intents else {}
+        if row.intent not in catalog.intents:  # bench data: its slots are all the tagger's to learn
+            names.update(slot for _, _, slot in row.spans or ())
+            continue
+        spec_slots = catalog.intents[row.intent].slots
         for _, _, slot in row.spans or ():
             spec = spec_slots.get(slot)
             if slot in VALUE_SLOTS or (spec is not None and (spec.source or slot) in value_sources - {"city"}):
                 continue
             names.add(slot)
     return sorted(names)
+
+
+def _intent_tag_slots(rows: list[Row], catalog: Catalog, tags: list[str], intents: list[str]) -> dict[str, list[str]]:
+    """Per intent, the slots the tagger may fill: a catalog intent's declared ones, else those its rows mark."""
+    seen: dict[str, set[str]] = {}
+    for row in rows:
+        seen.setdefault(row.intent, set()).update(slot for _, _, slot in row.spans or ())
+    out = {}
+    for name in intents:
+        slots = set(catalog.intents[name].slots) if name in catalog.intents else seen.get(name, set())
+        out[name] = sorted(s for s in slots if f"B-{s}" in tags)
+    return out
 
 
 def _tagger_report(
@@ -223,7 +238,7 @@ def _teacher_alignment(
 
 
 def _tag_labels(
-    rows: list[Row], canon: Canonicalizer, tags: list[str]
+    rows: list[Row], canon: Canonicalizer, tags: list[str], catalog: Catalog
 ) -> dict[str, list[int]]:
     """masked text → BIO label ids per model token, for rows that carry span labels."""
     pattern = re.compile(FeatureSpec().token_pattern)
@@ -237,7 +252,7 @@ def _tag_labels(
             continue
         tmap = token_map(c, pattern, FeatureSpec().max_words)
         if tmap is not None:
-            out[text] = bio_labels(c, row.spans, tags, tmap)
+            out[text] = bio_labels(c, row.spans, tags, tmap, raw=row.intent not in catalog.intents)
     return out
 
 
@@ -287,7 +302,7 @@ def train_model(
         "training on %d rows, %d intents, %d val rows", len(prep.train_texts), len(prep.intents), len(val)
     )
     tags = tag_names(_tag_slots([r for r, _ in train], catalog))
-    labelled = _tag_labels([r for r, _ in train], canon, tags) if len(tags) > 1 else {}
+    labelled = _tag_labels([r for r, _ in train], canon, tags, catalog) if len(tags) > 1 else {}
     teacher_model = load_teacher(teacher) if teacher else None
     t_targets: np.ndarray | None = None
     teacher_info: dict[str, object] | None = None
@@ -398,13 +413,10 @@ def train_model(
             net=msgspec.to_builtins(net.cfg),
             train=train_info,
             tags=tags if net.head_tag is not None else [],
-            tag_slots={
-                name: sorted(s for s in catalog.intents[name].slots if f"B-{s}" in tags)
-                for name in prep.intents
-                if name in catalog.intents
-            }
+            tag_slots=_intent_tag_slots([r for r, _ in train], catalog, tags, prep.intents)
             if net.head_tag is not None
             else {},
+            tag_raw_intents=[n for n in prep.intents if n not in catalog.intents] if net.head_tag is not None else [],
         )
         _write_json(work / "ranker_config.json", ranker_cfg)
 
