@@ -182,7 +182,9 @@ class Catalog(msgspec.Struct, frozen=True):
                 if wanted is None or locale in wanted:
                     per = marks.get(locale, [])
                     for i, text in enumerate(texts):
-                        yield Example(text, name, locale, self.owners[name].id, per[i] if i < len(per) else ())
+                        yield Example(
+                            text, name, locale, self.owners[name].id, per[i] if i < len(per) else ()
+                        )
 
     def markup_counts(self) -> dict[str, int]:
         """How many examples carry markup, and how many spans, per slot (for ``/health``)."""
@@ -335,7 +337,9 @@ def _check_kinds(catalog_kinds: set[str], intents: dict[str, Intent], where: dic
                         where[name], f"{name}.slots.{slot}.kinds", f"unknown entity kind {kind!r}"
                     )
         if intent.cancel_intent is not None and intent.cancel_intent not in intents:
-            raise CatalogError(where[name], f"{name}.cancel_intent", f"unknown intent {intent.cancel_intent!r}")
+            raise CatalogError(
+                where[name], f"{name}.cancel_intent", f"unknown intent {intent.cancel_intent!r}"
+            )
 
 
 def _check_intent(path: Path, idx: int, intent: Intent) -> None:
@@ -404,12 +408,12 @@ def load_catalog(root: Path | str, overlays: Iterable[Path | str] = ()) -> Catal
     parsed_files.sort(key=lambda item: item[1].owner.type == "teacher")  # stable: teacher last
     for path, parsed, raw_text in parsed_files:
         teacher = parsed.owner.type == "teacher"
-        for idx, raw_intent in enumerate(parsed.intents):
-            _check_intent(path, idx, raw_intent)
-            if teacher and raw_intent.intent in intents:
+        for idx, declared in enumerate(parsed.intents):
+            _check_intent(path, idx, declared)
+            if teacher and declared.intent in intents:
                 # An overlay extends an intent defined elsewhere: its markup names that intent's slots.
-                raw_intent = msgspec.structs.replace(raw_intent, slots=intents[raw_intent.intent].slots)
-            intent, marks = _strip_markup(path, raw_text, idx, raw_intent)
+                declared = msgspec.structs.replace(declared, slots=intents[declared.intent].slots)  # noqa: PLW2901
+            intent, marks = _strip_markup(path, raw_text, idx, declared)
             if intent.intent in intents:
                 if not teacher:
                     raise CatalogError(path, f"$.intents[{idx}].intent", f"duplicate {intent.intent}")

@@ -18,8 +18,8 @@ from .canonicalize import Canonical, Canonicalizer
 from .catalog import Catalog
 from .decision import Candidate, Decision, Outcome
 from .features import VOCAB_NAME, Featurizer, model_text
-from .tagging import decode, token_map
 from .scoring import Blend, Calibration, alternative_confidences, calibrate, log_priors, score_one
+from .tagging import decode, token_map
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -79,7 +79,9 @@ def catalog_example_rows(catalog: Catalog, canonicalizer: Canonicalizer) -> list
         for ex in catalog.examples()
     ]
     rows += [
-        ExampleRow(model_text(canonicalizer.canonicalize(ex.text, ex.locale)), ex.intent, ex.locale, negative=True)
+        ExampleRow(
+            model_text(canonicalizer.canonicalize(ex.text, ex.locale)), ex.intent, ex.locale, negative=True
+        )
         for ex in catalog.negatives()
     ]
     return rows
@@ -219,7 +221,9 @@ class Ranker:
         outs = self._session.run(None, self._featurizer.encode([masked]).feeds())
         return outs[0], outs[1], outs[2] if len(outs) > 2 else None
 
-    def tag(self, canonical: Canonical, intent: str | None, tag_probs: np.ndarray | None = None) -> list[dict[str, Any]]:
+    def tag(
+        self, canonical: Canonical, intent: str | None, tag_probs: np.ndarray | None = None
+    ) -> list[dict[str, Any]]:
         """Open-class spans the tagging head finds in the unmasked words, for ``intent``'s slots.
 
         Only slots the intent declares are decoded (a constrained decode); nothing without a head.
@@ -236,7 +240,9 @@ class Ranker:
             tag_probs = self._run(model_text(canonical))[2]
         if tag_probs is None:
             return []
-        spans = decode(tag_probs[0], self._tags, tmap, canonical, allowed, placeholders=intent in self._tag_raw)
+        spans = decode(
+            tag_probs[0], self._tags, tmap, canonical, allowed, placeholders=intent in self._tag_raw
+        )
         return [msgspec.to_builtins(s) for s in spans]
 
     def _search(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float | None, int]:

@@ -20,7 +20,9 @@ from .canonicalize import Canonical, EntityMatch
 from .catalog import Catalog, Intent, SlotSpec
 from .decision import Candidate, Decision, Outcome
 
-_ISO = re.compile(r"^P(?:(\d+(?:\.\d+)?)W)?(?:(\d+(?:\.\d+)?)D)?(?:T(?:(\d+(?:\.\d+)?)H)?(?:(\d+(?:\.\d+)?)M)?(?:(\d+(?:\.\d+)?)S)?)?$")
+_ISO = re.compile(
+    r"^P(?:(\d+(?:\.\d+)?)W)?(?:(\d+(?:\.\d+)?)D)?(?:T(?:(\d+(?:\.\d+)?)H)?(?:(\d+(?:\.\d+)?)M)?(?:(\d+(?:\.\d+)?)S)?)?$"
+)
 _EXTREMES = ("max", "min")
 
 
@@ -189,4 +191,3 @@ def drop_kind_conflicts(decision: Decision, catalog: Catalog, canonical: Canonic
         evidence=evidence,
         slots={},
     )
-

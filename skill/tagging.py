@@ -142,7 +142,7 @@ def bio_labels(
     return out
 
 
-def decode(
+def decode(  # noqa: PLR0917 - arrays and maps of one utterance, positionally as the ranker holds them
     probs: np.ndarray,
     tags: Sequence[str],
     tmap: TokenMap,

@@ -231,6 +231,11 @@ def test_bench_reports_slot_scores_on_unseen_names(tmp_path: Path) -> None:
     # A file without spans is intent-only: the slot keys are there and null.
     plain = tmp_path / "plain.jsonl"
     plain.write_text("".join(json.dumps({k: v for k, v in x.items() if k != "spans"}) + "\n" for x in lines))
-    assert bench.main(["--data", str(plain), "--out", str(tmp_path / "o2"), "--catalog", str(REPO_ROOT / "catalog")]) == 0
+    assert (
+        bench.main(
+            ["--data", str(plain), "--out", str(tmp_path / "o2"), "--catalog", str(REPO_ROOT / "catalog")]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "o2" / "report.json").read_text(encoding="utf-8"))
     assert report["slot_f1"] is None and report["slot_f1_by_slot"] is None

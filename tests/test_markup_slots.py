@@ -64,10 +64,15 @@ def test_markup_strips_and_keeps_spans() -> None:
     assert text == "turn on the ceiling fan in the bedroom"
     assert spans == (Span(12, 23, "device"), Span(31, 38, "room"))
     assert text[12:23] == "ceiling fan" and text[31:38] == "bedroom"
-    assert parse_markup("выключи [ночную лампу](device)") == ("выключи ночную лампу", (Span(8, 20, "device"),))
+    assert parse_markup("выключи [ночную лампу](device)") == (
+        "выключи ночную лампу",
+        (Span(8, 20, "device"),),
+    )
 
 
-@pytest.mark.parametrize("bad", ["turn on [the fan", "turn on the fan]", "[[a](device)](room)", "[ a](device)"])
+@pytest.mark.parametrize(
+    "bad", ["turn on [the fan", "turn on the fan]", "[[a](device)](room)", "[ a](device)"]
+)
 def test_markup_errors(bad: str) -> None:
     with pytest.raises(MarkupError):
         parse_markup(bad)
@@ -166,7 +171,9 @@ def test_temperature_keeps_the_unit_said(canon: Canonicalizer) -> None:
     assert kinds == {"temperature.fahrenheit"}
 
 
-@pytest.mark.parametrize("text", ["play some blues", "pour me red wine", "купи белый хлеб", "включи теплый пол"])
+@pytest.mark.parametrize(
+    "text", ["play some blues", "pour me red wine", "купи белый хлеб", "включи теплый пол"]
+)
 def test_colour_words_need_a_light_word(canon: Canonicalizer, text: str) -> None:
     assert "color" not in {e.placeholder for e in canon.canonicalize(text).entities}
 
@@ -217,7 +224,9 @@ def test_kind_conflict_drops_the_candidate(repo_catalog: Any, canon: Canonicaliz
     assert out.intent == "music.volume"
     assert out.confidence == pytest.approx(0.8, abs=1e-6)  # 0.08 of the 0.1 left
     assert out.evidence["kind_conflicts"][0]["intent"] == "light.set_brightness"
-    same = drop_kind_conflicts(_decision("light.set_brightness"), repo_catalog, canon.canonicalize("dim the kitchen light to 20"))
+    same = drop_kind_conflicts(
+        _decision("light.set_brightness"), repo_catalog, canon.canonicalize("dim the kitchen light to 20")
+    )
     assert same.intent == "light.set_brightness" and "kind_conflicts" not in same.evidence
 
 
@@ -235,7 +244,9 @@ class _Fixed:
 
 
 def test_pipeline_does_not_accept_an_out_of_range_value(repo_catalog: Any, canon: Canonicalizer) -> None:
-    pipe = Pipeline(repo_catalog, canon, regex=RegexStage(repo_catalog), ranker=_Fixed(_decision("light.set_brightness")))
+    pipe = Pipeline(
+        repo_catalog, canon, regex=RegexStage(repo_catalog), ranker=_Fixed(_decision("light.set_brightness"))
+    )
     res = pipe.parse("please make the kitchen light 250 percent bright", "en")
     assert res.decision.intent == "light.set_brightness"
     assert res.decision.outcome is Outcome.ABSTAIN and res.decision.reason == "invalid_slot_value"

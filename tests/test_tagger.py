@@ -141,7 +141,10 @@ TAG_INTENTS: dict[str, Any] = {
             },
         },
     ],
-    "out_of_scope": {"en": ["who invented the light bulb", "what is the meaning of life"], "ru": ["кто выиграл матч"]},
+    "out_of_scope": {
+        "en": ["who invented the light bulb", "what is the meaning of life"],
+        "ru": ["кто выиграл матч"],
+    },
 }
 
 
@@ -152,11 +155,15 @@ def tagged_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     (root / "intents").mkdir(parents=True)
     shutil.copytree(REPO / "catalog" / "entities", root / "entities")
     shutil.copy(REPO / "catalog" / "masking.yaml", root / "masking.yaml")
-    (root / "intents" / "t.yaml").write_text(yaml.safe_dump(TAG_INTENTS, allow_unicode=True), encoding="utf-8")
+    (root / "intents" / "t.yaml").write_text(
+        yaml.safe_dump(TAG_INTENTS, allow_unicode=True), encoding="utf-8"
+    )
     catalog = load_catalog(root)
     train, val = rows_from_catalog(catalog)
     assert any(r.spans for r in train)
-    path = trainer.train_model(train, val, tmp / "models", catalog=catalog, progress=False, use_oos_train=True)
+    path = trainer.train_model(
+        train, val, tmp / "models", catalog=catalog, progress=False, use_oos_train=True
+    )
     return root, path
 
 

@@ -21,7 +21,9 @@ from tools._teacher import HashTeacher, embed_cached, linear_cka, load_teacher, 
 
 def test_cache_computes_each_text_once(tmp_path: Path) -> None:
     teacher = HashTeacher()
-    first, stats = embed_cached(teacher, ["turn on the light", "turn off the light", "turn on the light"], tmp_path)
+    first, stats = embed_cached(
+        teacher, ["turn on the light", "turn off the light", "turn on the light"], tmp_path
+    )
     assert stats == {"texts": 3, "computed": 2, "cached": 0}
     again, stats = embed_cached(teacher, ["turn off the light", "turn on the light"], tmp_path)
     assert stats["computed"] == 0 and stats["cached"] == 2

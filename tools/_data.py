@@ -67,7 +67,9 @@ def rows_from_catalog(catalog: Catalog) -> tuple[list[Row], list[Row]]:
         marks = catalog.spans.get(name, {})
         for locale, texts in intent.examples.items():
             per = marks.get(locale) or [()] * len(texts)
-            pairs = [(t, tuple((sp.start, sp.end, sp.slot) for sp in m)) for t, m in zip(texts, per, strict=True)]
+            pairs = [
+                (t, tuple((sp.start, sp.end, sp.slot) for sp in m)) for t, m in zip(texts, per, strict=True)
+            ]
             for (text, spans), split in _split_list(pairs):
                 (val if split == "val" else train).append(Row(text, name, locale, split, spans))
     negatives: dict[str, list[str]] = defaultdict(list)

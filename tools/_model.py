@@ -106,7 +106,9 @@ class Net(nn.Module):
         tags = self.head_tag(self.drop(states)) if self.head_tag is not None else None
         return le + lb, le, lb, emb, tags, feats
 
-    def forward(self, chars: torch.Tensor, words: torch.Tensor, ngrams: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, chars: torch.Tensor, words: torch.Tensor, ngrams: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         """Export path: class probabilities, the normalized embedding and (with a head) tag probabilities."""
         enc, bag, states = self.branches(chars, words, ngrams)
         logits = self.head_enc(enc) + self.head_bag(bag)

@@ -27,9 +27,9 @@ from typing import Any, Protocol, TypeVar
 
 import msgspec
 
-from skill.features import model_text
 from skill.canonicalize import Canonicalizer
 from skill.catalog import load_catalog
+from skill.features import model_text
 from skill.gate import GateConfig
 from skill.pipeline import Pipeline
 
@@ -247,7 +247,8 @@ def _predicted(d: Any, catalog: Any) -> list[dict[str, Any]]:
         sources = {n: (s.source or n) for n, s in intent.slots.items()}
         return predicted_spans(d.slots, d.evidence, sources)
     return [
-        {"slot": sp["slot"], "text": sp["text"], "value": sp["text"]} for sp in d.evidence.get("tagged_spans") or ()
+        {"slot": sp["slot"], "text": sp["text"], "value": sp["text"]}
+        for sp in d.evidence.get("tagged_spans") or ()
     ]
 
 

@@ -27,7 +27,7 @@ from skill.catalog import Catalog, load_catalog
 from skill.config import Config
 from skill.decision import Outcome
 from skill.gate import GateConfig
-from skill.pipeline import Pipeline, ParseResult
+from skill.pipeline import ParseResult, Pipeline
 from skill.ranker import Ranker, catalog_example_rows
 from skill.regex_stage import RegexStage
 from skill.registry import resolve_model_dir
@@ -69,7 +69,9 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise SystemExit(f"{path}:{n}: invalid JSON: {exc}") from exc
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("text", "intent", "lang")):
+        if not isinstance(row, dict) or not all(
+            isinstance(row.get(k), str) for k in ("text", "intent", "lang")
+        ):
             raise SystemExit(f"{path}:{n}: a row needs string text, intent and lang")
         rows.append(row)
     return rows
@@ -187,8 +189,11 @@ def render_md(report: dict[str, Any], command: str) -> str:
     ]
     lines += ["| measure | " + " | ".join(langs) + " |", "|---|" + "---:|" * len(langs)]
     lines += [f"| {label} | " + " | ".join(_pct(report[g][k]) for g in langs) + " |" for k, label in keys]
-    lines += [f"| rows (in-scope / oos) | " + " | ".join(
-        f"{report[g]['inscope_rows']} / {report[g]['oos_rows']}" for g in langs) + " |"]
+    lines += [
+        "| rows (in-scope / oos) | "
+        + " | ".join(f"{report[g]['inscope_rows']} / {report[g]['oos_rows']}" for g in langs)
+        + " |"
+    ]
     cats = sorted({c for g in langs for c in report[g]["by_category"]})
     lines += ["", "## Accepted and correct by phrasing category", ""]
     lines += ["| category | " + " | ".join(langs) + " |", "|---|" + "---:|" * len(langs)]
@@ -201,8 +206,13 @@ def render_md(report: dict[str, Any], command: str) -> str:
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     by_slot = report.get("all", {}).get("slot_f1_by_slot") or {}
     if by_slot:
-        lines += ["", "## Slots (all languages)", "", "| slot | gold | predicted | P | R | F1 |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "## Slots (all languages)",
+            "",
+            "| slot | gold | predicted | P | R | F1 |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for s, v in by_slot.items():
             lines.append(
                 f"| {s} | {v['gold']} | {v['predicted']} | {_pct(v['precision'])} | "
@@ -210,14 +220,22 @@ def render_md(report: dict[str, Any], command: str) -> str:
             )
     wrong = report.get("all", {}).get("wrong_accepts") or []
     if wrong:
-        lines += ["", "## Wrong accepts (gold → accepted as)", "", "| gold | accepted as | n |", "|---|---|---:|"]
+        lines += [
+            "",
+            "## Wrong accepts (gold → accepted as)",
+            "",
+            "| gold | accepted as | n |",
+            "|---|---|---:|",
+        ]
         lines += [f"| {w['gold']} | {w['accepted_as']} | {w['n']} |" for w in wrong]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.probe", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, required=True, help="JSONL rows: text, intent, lang, category?, spans?")
+    ap.add_argument(
+        "--data", type=Path, required=True, help="JSONL rows: text, intent, lang, category?, spans?"
+    )
     ap.add_argument("--model-dir", type=Path, help="a model folder (default: the active / embedded model)")
     ap.add_argument("--catalog", type=Path, default=Path("catalog"))
     ap.add_argument("--out", type=Path, help="write report.json and report.md here")

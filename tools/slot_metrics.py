@@ -42,7 +42,9 @@ def norm_value(value: Any) -> str:
     return str(int(x)) if x == int(x) else repr(x)
 
 
-def predicted_spans(slots: Mapping[str, Any], evidence: Mapping[str, Any], spec_sources: Mapping[str, str]) -> list[dict[str, Any]]:
+def predicted_spans(
+    slots: Mapping[str, Any], evidence: Mapping[str, Any], spec_sources: Mapping[str, str]
+) -> list[dict[str, Any]]:
     """Each filled slot with the surface text of what filled it (from ``evidence.entities``)."""
     entities = evidence.get("entities") or []
     out = []
@@ -54,7 +56,9 @@ def predicted_spans(slots: Mapping[str, Any], evidence: Mapping[str, Any], spec_
             if i in used or not isinstance(ent, Mapping):
                 continue
             ref = ent.get("ref") or ""
-            same = value in (ref, ent.get("value"), ent.get("text")) or (ref and ref.rsplit(":", 1)[-1] == value)
+            same = value in (ref, ent.get("value"), ent.get("text")) or (
+                ref and ref.rsplit(":", 1)[-1] == value
+            )
             if ent.get("placeholder") == source and same:
                 surface = ent.get("text")
                 used.add(i)

@@ -23,7 +23,7 @@ import numpy as np
 from skill.artifacts import write_manifest
 from skill.canonicalize import Canonicalizer
 from skill.catalog import Catalog, load_catalog
-from skill.features import VOCAB_NAME, Featurizer, FeatureSpec, build_vocab, model_text
+from skill.features import VOCAB_NAME, FeatureSpec, Featurizer, build_vocab, model_text
 from skill.ranker import ExampleRow, IntentInfo, RankerConfig
 from skill.registry import write_pointer
 from skill.scoring import calibrate, log_priors, score_batch
@@ -162,14 +162,18 @@ def _tag_slots(rows: list[Row], catalog: Catalog) -> list[str]:
         spec_slots = catalog.intents[row.intent].slots
         for _, _, slot in row.spans or ():
             spec = spec_slots.get(slot)
-            if slot in VALUE_SLOTS or (spec is not None and (spec.source or slot) in value_sources - {"city"}):
+            if slot in VALUE_SLOTS or (
+                spec is not None and (spec.source or slot) in value_sources - {"city"}
+            ):
                 continue
             names.add(slot)
     return sorted(names)
 
 
-def _intent_tag_slots(rows: list[Row], catalog: Catalog, tags: list[str], intents: list[str]) -> dict[str, list[str]]:
-    """Per intent, the slots the tagger may fill: a catalog intent's declared ones, else those its rows mark."""
+def _intent_tag_slots(
+    rows: list[Row], catalog: Catalog, tags: list[str], intents: list[str]
+) -> dict[str, list[str]]:
+    """Per intent, the slots the tagger may fill: a catalog intent's declared ones, else those marked."""
     seen: dict[str, set[str]] = {}
     for row in rows:
         seen.setdefault(row.intent, set()).update(slot for _, _, slot in row.spans or ())
@@ -180,7 +184,7 @@ def _intent_tag_slots(rows: list[Row], catalog: Catalog, tags: list[str], intent
     return out
 
 
-def _tagger_report(
+def _tagger_report(  # noqa: PLR0917 - one call site, the training run's own objects
     sess: object, feat: Featurizer, rows: list[Row], canon: Canonicalizer, tags: list[str], catalog: Catalog
 ) -> dict[str, object]:
     """Exact-span precision / recall / F1 of the int8 tagger on the val rows that carry spans.
@@ -200,7 +204,9 @@ def _tagger_report(
             continue
         out = sess.run(None, feat.encode([model_text(c)]).feeds())  # type: ignore[attr-defined]
         # Gold spans that canonicalization masked are its to fill, not the tagger's.
-        masked = {j for (a, b), ph in zip(tmap.ranges, tmap.placeholder, strict=True) if ph for j in range(a, b)}
+        masked = {
+            j for (a, b), ph in zip(tmap.ranges, tmap.placeholder, strict=True) if ph for j in range(a, b)
+        }
         gold = set()
         for start, end, slot in row.spans:
             rng = span_token_range(c.text, start, end)
@@ -222,7 +228,7 @@ def _tagger_report(
     }
 
 
-def _teacher_alignment(
+def _teacher_alignment(  # noqa: PLR0917 - one call site, the training run's own objects
     teacher: Teacher | None,
     info: dict[str, object] | None,
     val: list[tuple[Row, str]],
@@ -379,7 +385,9 @@ def train_model(
             "val_oos_rows": int((~inside).sum()),
             "train_seconds": round(train_seconds, 1),
             **{key: round(v, 6) for key, v in fit_report.items()},
-            "tagger": _tagger_report(sess, feat, val_rows, canon, tags, catalog) if net.head_tag is not None else None,
+            "tagger": _tagger_report(sess, feat, val_rows, canon, tags, catalog)
+            if net.head_tag is not None
+            else None,
             "teacher": _teacher_alignment(teacher_model, teacher_info, val, val_emb, teacher_cache, cfg),
             **export_report,
             "data": msgspec.to_builtins(prep.report),
@@ -416,7 +424,9 @@ def train_model(
             tag_slots=_intent_tag_slots([r for r, _ in train], catalog, tags, prep.intents)
             if net.head_tag is not None
             else {},
-            tag_raw_intents=[n for n in prep.intents if n not in catalog.intents] if net.head_tag is not None else [],
+            tag_raw_intents=[n for n in prep.intents if n not in catalog.intents]
+            if net.head_tag is not None
+            else [],
         )
         _write_json(work / "ranker_config.json", ranker_cfg)
 
