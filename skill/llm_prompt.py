@@ -44,8 +44,8 @@ class LlmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """
 
     temperature: float = 1.0
-    n_ctx: int = 2048
-    n_batch: int = 512  # the prefix is evaluated in chunks of this; a request is one chunk
+    n_ctx: int = 1536  # the prefix, a request and its candidates; the KV cache grows with it
+    n_batch: int = 256  # the prefix is evaluated in chunks of this; a request is one chunk
     max_candidates: int = 4  # the ranker's top candidates; "none" is always added
     max_prefix_tokens: int = 1024  # the few-shot prefix stops growing here (load time grows with it)
     examples_per_intent: int = 2  # per locale, at most

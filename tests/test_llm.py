@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -36,7 +37,7 @@ from skill.llm_prompt import (
 from skill.pipeline import Pipeline
 from skill.regex_stage import RegexStage
 from skill.service import ServiceState
-from tests.conftest import REPO, write_catalog
+from tests.conftest import MINI_INTENTS, REPO, write_catalog
 from tools.tiny_gguf import write_tiny_gguf
 
 
@@ -257,6 +258,29 @@ def _naive(engine: Engine, request: list[int], cont: list[int], size: int) -> fl
     return total
 
 
+def test_the_line_end_is_scored_only_when_a_label_starts_another(
+    tmp_path: Path, make_config: Callable[..., Config]
+) -> None:
+    intents = copy.deepcopy(MINI_INTENTS)
+    daily = copy.deepcopy(intents["intents"][0])
+    daily["intent"], daily["regex"] = "alarm.set_daily", []
+    daily["examples"] = {"ru": ["будильник каждый день в семь"], "en": ["an alarm every day at seven"]}
+    intents["intents"].append(daily)
+    catalog = load_catalog(write_catalog(tmp_path / "catalog", intents))
+    path = write_tiny_gguf(tmp_path / "d.gguf", prefer=SAYS_ALARM)
+    stage = LlmStage.load(make_config(llm_model=str(path), llm_threads=1), catalog)
+    try:
+        newline = stage.engine.tokenize("\n")[-1]
+        plain = stage.continuations(["alarm.set", "device.turn_off", NONE])
+        assert all(c[-1] != newline for c in plain)  # "alarm set" starts no other label here
+        both = stage.continuations(["alarm.set", "alarm.set_daily", NONE])
+        assert all(c[-1] == newline for c in both)  # "alarm set" is a prefix of "alarm set daily"
+        s = stage.score("разбуди меня", ["alarm.set", "alarm.set_daily"])
+        assert s.logliks[0] != s.logliks[1]
+    finally:
+        stage.close()
+
+
 def test_prefix_cache_gives_the_same_scores_as_a_fresh_context(stage_factory: Any, catalog: Catalog) -> None:
     texts = ["разбуди меня пораньше", "turn everything off", "сбрось всё", "разбуди меня пораньше"]
     names = ["device.turn_off", "alarm.set", "desktop.reset_webspace"]
@@ -268,7 +292,7 @@ def test_prefix_cache_gives_the_same_scores_as_a_fresh_context(stage_factory: An
     # and one sequence per candidate, no sharing, gives the same numbers as the shared batch
     request = warm.request_tokens(texts[1])
     size = warm.score(texts[1], names).batch_tokens
-    naive = [_naive(warm.engine, request, warm._conts[n], size) for n in [*names, NONE]]
+    naive = [_naive(warm.engine, request, c, size) for c in warm.continuations([*names, NONE])]
     assert naive == pytest.approx(list(cached[1]), rel=1e-5, abs=1e-5)
 
 

@@ -168,8 +168,8 @@ def test_shared_batch_equals_one_sequence_per_candidate(load: Any, repo_catalog:
     engine = stage.engine
     request = stage.request_tokens(text)
     start = len(engine.prefix)
-    for name, expected in zip([*names, NONE], shared, strict=True):
-        cont = stage._conts[name]
+    conts = stage.continuations([*names, NONE])
+    for name, cont, expected in zip([*names, NONE], conts, shared, strict=True):
         engine.rewind()
         tail = [*request, *cont[:-1]]
         # padded to the shared batch's size with causally invisible tokens: llama.cpp's matmul path

@@ -20,7 +20,9 @@ cross-fitted expected calibration error. The cross-fitted confidences then go th
 pipeline uses (the ranker's thresholds and the catalog's per-intent ones): that gives the stage's
 worth on rows its map has not seen, ``held_out``: ``rows_handed``, ``rescued``, ``rescue_rate``,
 ``wrong_accepts``, ``wrong_accept_rate``, ``accepted_precision``. Below ``--precision-target``, or
-with nothing rescued, the verdict is ``accept: false`` and the service keeps the stage off. The map,
+with nothing rescued, or when the same map without the model's features (the ranker's view
+alone, ``held_out_ranker_only``) rescues as much at the target, the verdict is ``accept: false``
+and the service keeps the stage off. The map,
 the report and the verdict go into ``<model>.gguf.nlu.json`` (other keys are kept; atomic write).
 """
 
@@ -209,13 +211,31 @@ def usefulness(
     }
 
 
-def _stack(answers: Sequence[Answer]) -> tuple[np.ndarray, np.ndarray]:
+_RANKER_ONLY = np.array([0.0 if f.startswith("llm_") else 1.0 for f in LLM_FEATURES])
+
+
+def _stack(answers: Sequence[Answer], mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     rows = [(f, name == a.gold) for a in answers for name, f in a.features().items()]
-    return np.asarray([f for f, _ in rows], dtype=np.float64), np.asarray([y for _, y in rows])
+    x = np.asarray([f for f, _ in rows], dtype=np.float64)
+    return (x if mask is None else x * mask), np.asarray([y for _, y in rows])
 
 
-def _serve(a: Answer, cal: Any) -> dict[str, float]:
-    return {n: float(calibrate(f, cal)[()]) for n, f in a.features().items()}
+def _serve(a: Answer, cal: Any, mask: np.ndarray | None = None) -> dict[str, float]:
+    return {n: float(calibrate(f if mask is None else f * mask, cal)[()]) for n, f in a.features().items()}
+
+
+def _crossfit(
+    scored: Sequence[Answer], idx: Sequence[int], mask: np.ndarray | None = None
+) -> dict[int, dict[str, float]]:
+    """2-fold: each half served by the map fitted on the other half."""
+    half = np.arange(len(scored)) % 2 == 0
+    cross: dict[int, dict[str, float]] = {}
+    for part in (half, ~half):
+        train = [a for a, p in zip(scored, part, strict=True) if p]
+        fold = fit_calibration(*_stack(train, mask), L2, names=LLM_FEATURES)
+        for k in np.flatnonzero(~part):
+            cross[idx[k]] = _serve(scored[k], fold, mask)
+    return cross
 
 
 def fit(
@@ -240,13 +260,7 @@ def fit(
     scored = [answers[i] for i in idx]
     x, y = _stack(scored)
     cal = fit_calibration(x, y, L2, names=LLM_FEATURES)
-    half = np.arange(len(scored)) % 2 == 0
-    cross: dict[int, dict[str, float]] = {}
-    for part in (half, ~half):
-        train = [a for a, p in zip(scored, part, strict=True) if p]
-        fold = fit_calibration(*_stack(train), L2, names=LLM_FEATURES)
-        for k in np.flatnonzero(~part):
-            cross[idx[k]] = _serve(scored[k], fold)
+    cross = _crossfit(scored, idx)
 
     def choice(q: dict[str, float]) -> tuple[str, float]:
         best = max(q, key=q.__getitem__)
@@ -265,8 +279,18 @@ def fit(
         return round(expected_calibration_error(conf, right), 4)
 
     held = usefulness(answers, cross, gate_cfg, policies)
-    precision = held["accepted_precision"]
-    accept = bool(held["rescued"] > 0 and precision is not None and precision >= precision_target)
+    # the same map without the model's features: what re-gating the ranker alone would rescue
+    alone = usefulness(answers, _crossfit(scored, idx, _RANKER_ONLY), gate_cfg, policies)
+
+    def good(h: dict[str, Any]) -> bool:
+        return (
+            h["rescued"] > 0
+            and h["accepted_precision"] is not None
+            and h["accepted_precision"] >= precision_target
+        )
+
+    # on only when the model reaches the target and rescues more than the ranker's view alone would
+    accept = good(held) and held["rescued"] > (alone["rescued"] if good(alone) else 0)
     failed = [a for a in answers if a.shares is None]
     report: dict[str, Any] = {
         "rows": len(scored),
@@ -288,6 +312,7 @@ def fit(
         "ece_fit": ece(fitted),
         "ece_crossfit": ece(crossed),
         "held_out": held | {"how": "2-fold cross-fitted map, the pipeline's gate"},
+        "held_out_ranker_only": alone,
         "precision_target": precision_target,
         "accept": accept,
     }
