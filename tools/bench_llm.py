@@ -181,13 +181,13 @@ def run(args: argparse.Namespace, model: Path) -> dict[str, Any]:  # noqa: PLR09
         evidence: list[dict[str, Any]] = []
         totals = Counter[str]()
         for name, rows in sets.items():
-            report, times, outs, ev = _run_set(pipeline, recorder, rows, catalog, args.requests, skip)
-            per_set[name] = report
+            one, times, outs, ev = _run_set(pipeline, recorder, rows, catalog, args.requests, skip)
+            per_set[name] = one
             all_times += times
             outcomes += outs
             evidence += ev
             for key in ("rows_handed", "rescued", "wrong_accepts"):
-                totals[key] += report[key]
+                totals[key] += one[key]
         prefix_ms: list[float] = []
         if args.no_cache:
             for _ in range(3):

@@ -233,7 +233,7 @@ def _crossfit(
     for part in (half, ~half):
         train = [a for a, p in zip(scored, part, strict=True) if p]
         fold = fit_calibration(*_stack(train, mask), L2, names=LLM_FEATURES)
-        for k in np.flatnonzero(~part):
+        for k in np.flatnonzero(~part).tolist():
             cross[idx[k]] = _serve(scored[k], fold, mask)
     return cross
 
@@ -271,7 +271,7 @@ def fit(
     own = [(a.intent, (a.shares or {}).get(a.intent or "", 0.0)) for a in scored]
     gold = [a.gold for a in scored]
 
-    def ece(pairs: list[tuple[str | None, float]]) -> float:
+    def ece(pairs: Sequence[tuple[str | None, float]]) -> float:
         conf = np.asarray([c for _, c in pairs])
         right = np.asarray(
             [n == g or (n == NONE and g == OOS) for (n, _), g in zip(pairs, gold, strict=True)]
