@@ -11,7 +11,10 @@ scoring step at a time, inside the budget; a late answer is dropped, never emitt
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +23,9 @@ from typing import Any
 
 import msgspec
 import numpy as np
+import platformdirs
 
+from . import SERVICE_NAME
 from .canonicalize import Canonical
 from .catalog import Catalog
 from .config import Config
@@ -42,7 +47,6 @@ from .llm_prompt import (
 
 _LOGGER = logging.getLogger(__name__)
 VIA = "llm"
-USE_MMAP = True
 ANCHOR = "=>"  # continuations are tokenized after this, as they follow it in the prompt
 
 
@@ -79,7 +83,6 @@ class Engine:
         self._lc = lc = llama_cpp
         lc.llama_backend_init()
         params = lc.llama_model_default_params()
-        params.use_mmap = USE_MMAP
         self.model = LlamaModel(path_model=str(path), params=params, verbose=False)
         self.vocab = self.model.vocab
         self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
@@ -160,6 +163,36 @@ class Engine:
             self._lc.llama_memory_seq_cp(self.mem, 0, s, -1, -1)
         self.prefix = list(prefix)
 
+    def save_prefix(self, path: Path) -> None:
+        """Write sequence 0's state (the prefix) to ``path`` atomically."""
+        lc = self._lc
+        tokens = (lc.llama_token * len(self.prefix))(*self.prefix)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            if not lc.llama_state_seq_save_file(self.ctx, str(tmp).encode(), 0, tokens, len(self.prefix)):
+                raise OSError(f"llama.cpp could not write {tmp}")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def load_prefix(self, path: Path, prefix: Sequence[int]) -> bool:
+        """Restore a saved prefix into every sequence; False (and an empty cache) if it is not that prefix."""
+        lc = self._lc
+        lc.llama_memory_clear(self.mem, True)
+        tokens = (lc.llama_token * len(prefix))()
+        count = ctypes.c_size_t(0)
+        read = lc.llama_state_seq_load_file(
+            self.ctx, str(path).encode(), 0, tokens, len(prefix), ctypes.byref(count)
+        )
+        if not read or count.value != len(prefix) or list(tokens) != list(prefix):
+            lc.llama_memory_clear(self.mem, True)
+            return False
+        for s in range(1, self.n_seq):
+            lc.llama_memory_seq_cp(self.mem, 0, s, -1, -1)
+        self.prefix = list(prefix)
+        return True
+
     def rewind(self, check: Callable[[], None] | None = None) -> None:
         """Drop every sequence's tokens after the prefix (the previous request's)."""
         n = len(self.prefix)
@@ -231,8 +264,26 @@ class LlmStage:
                 "max_prefix_tokens) in the .nlu.json sidecar"
             )
         started = time.perf_counter()
-        engine.eval_prefix(prefix)
+        self.prefix_from = self._restore_or_eval(prefix, Path(config.llm_model or name), settings)
         self.prefix_ms = (time.perf_counter() - started) * 1000.0
+
+    def _restore_or_eval(self, prefix: list[int], model: Path, settings: LlmSettings) -> str:
+        """Load the evaluated prefix from the disk cache, or evaluate it and store it there."""
+        use = settings.prefix_cache and model.is_file()
+        path = prefix_cache_path(model, prefix, self.engine, settings) if use else None
+        if path is not None and path.is_file():
+            if self.engine.load_prefix(path, prefix):
+                return "disk cache"
+            _LOGGER.info("LLM prefix cache %s does not match: evaluating the prefix", path)
+        self.engine.eval_prefix(prefix)
+        if path is not None:
+            try:
+                self.engine.save_prefix(path)
+                for old in sorted(path.parent.glob(f"{model.name}-*.kv"), key=_mtime)[:-2]:
+                    old.unlink(missing_ok=True)  # keep this one and the one before (a catalog rollback)
+            except OSError as exc:
+                _LOGGER.warning("LLM prefix cache not written (%s): %s", path, exc)
+        return "evaluated"
 
     @classmethod
     def load(cls, config: Config, catalog: Catalog, settings: LlmSettings | None = None) -> LlmStage:
@@ -266,10 +317,11 @@ class LlmStage:
             engine.close()
             raise
         _LOGGER.info(
-            "LLM fallback ready: %s (%d intents, %d-token few-shot prefix cached in %.0f ms, load %.0f ms)",
+            "LLM fallback ready: %s (%d intents, %d-token few-shot prefix %s in %.0f ms, load %.0f ms)",
             path.name,
             len(catalog.intents),
             len(engine.prefix),
+            "from the disk cache" if stage.prefix_from == "disk cache" else "evaluated",
             stage.prefix_ms,
             (time.perf_counter() - started) * 1000.0,
         )
@@ -443,6 +495,26 @@ class LlmStage:
             slots={},  # slots come from canonicalization and the tagger (the pipeline fills them)
             evidence=evidence,
         )
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def prefix_cache_path(model: Path, prefix: Sequence[int], engine: Engine, settings: LlmSettings) -> Path:
+    """Where the evaluated prefix of this model file, context layout and prefix is kept between loads."""
+    import llama_cpp  # noqa: PLC0415 - optional dependency, present once an Engine exists
+
+    stat = model.stat()
+    key = hashlib.sha256()
+    key.update(f"{llama_cpp.__version__}|{model.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|".encode())
+    key.update(f"{engine.n_ctx}|{engine.n_seq}|{settings.n_batch}|".encode())
+    key.update(np.asarray(prefix, dtype=np.int32).tobytes())
+    root = Path(platformdirs.user_cache_dir(SERVICE_NAME)) / "llm-prefix"
+    return root / f"{model.name}-{key.hexdigest()[:20]}.kv"
 
 
 def verdict(settings: LlmSettings) -> str:

@@ -52,6 +52,7 @@ class LlmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     none_examples: int = 3  # per locale, from the catalog's out_of_scope lists
     max_request_tokens: int = 96  # a longer utterance is cut to this many tokens
     precision_target: float = 0.9  # tools.llm_calibrate turns the stage off below this
+    prefix_cache: bool = True  # keep the evaluated prefix on disk (user cache dir) for the next load
     accept: bool = True
     calibration: Calibration | None = None
     calibration_report: dict[str, Any] | None = None

@@ -33,6 +33,7 @@ def test_tiny_model_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert report["mean_prompt_tokens"] < report["prefix_tokens"]  # the prefix is cached, not re-sent
     assert report["mean_logit_rows"] < report["mean_batch_tokens"] + 1
     assert report["rss_mb"]["llm_loaded"] > 0 and report["stage_on"] is True
+    assert report["prefix_from"] in ("evaluated", "disk cache")
 
 
 def test_missing_or_damaged_model_exits_2(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -19,7 +19,7 @@ from skill.canonicalize import Canonical, Canonicalizer
 from skill.catalog import Catalog, load_catalog
 from skill.config import Config
 from skill.decision import Candidate, Decision, Outcome
-from skill.llm import Engine, LlmOff, LlmStage
+from skill.llm import Engine, LlmOff, LlmStage, prefix_cache_path
 from skill.llm_prompt import (
     NONE,
     VAL_EVERY,
@@ -294,6 +294,38 @@ def test_prefix_cache_gives_the_same_scores_as_a_fresh_context(stage_factory: An
     size = warm.score(texts[1], names).batch_tokens
     naive = [_naive(warm.engine, request, c, size) for c in warm.continuations([*names, NONE])]
     assert naive == pytest.approx(list(cached[1]), rel=1e-5, abs=1e-5)
+
+
+def test_the_evaluated_prefix_is_kept_on_disk_for_the_next_load(
+    tmp_path: Path, catalog: Catalog, make_config: Callable[..., Config]
+) -> None:
+    text, names = "разбуди меня пораньше", ["device.turn_off", "alarm.set"]
+    path = write_tiny_gguf(tmp_path / "k.gguf", seed=5)
+    cfg = make_config(llm_model=str(path), llm_threads=1)
+    first = LlmStage.load(cfg, catalog)
+    cache = prefix_cache_path(path, first.engine.prefix, first.engine, first.settings)
+    expected = first.score(text, names).logliks
+    first.close()
+    assert first.prefix_from == "evaluated" and cache.is_file()
+    assert not cache.is_relative_to(Path.home())  # the tests' user cache dir (conftest), not $HOME
+    second = LlmStage.load(cfg, catalog)
+    assert second.prefix_from == "disk cache"
+    assert second.score(text, names).logliks == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    second.close()
+    cache.write_bytes(b"not a llama.cpp state" * 50)  # damaged: evaluated again, and rewritten
+    third = LlmStage.load(cfg, catalog)
+    assert third.prefix_from == "evaluated"
+    assert third.score(text, names).logliks == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    third.close()
+    again = LlmStage.load(cfg, catalog)
+    assert again.prefix_from == "disk cache"
+    again.close()
+    off = write_tiny_gguf(tmp_path / "off.gguf", seed=5)
+    sidecar_path(off).write_text(json.dumps({"prefix_cache": False}))
+    stage = LlmStage.load(make_config(llm_model=str(off), llm_threads=1), catalog)
+    assert stage.prefix_from == "evaluated"
+    assert not prefix_cache_path(off, stage.engine.prefix, stage.engine, stage.settings).exists()
+    stage.close()
 
 
 # --- never block -------------------------------------------------------------------------------------

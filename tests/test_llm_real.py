@@ -63,12 +63,12 @@ def repo_catalog() -> Catalog:
 def load(gemma: Path, repo_catalog: Catalog, make_config: Callable[..., Config]) -> Iterator[Any]:
     stages: list[LlmStage] = []
 
-    def _load(**cfg: Any) -> LlmStage:
+    def _load(prefix_cache: bool = True, **cfg: Any) -> LlmStage:
         cfg.setdefault("llm_threads", 1)
         stage = LlmStage.load(
             make_config(llm_model=str(gemma), catalog_dir=str(REPO / "catalog"), **cfg),
             repo_catalog,
-            settings=LlmSettings(),  # no sidecar: the defaults, uncalibrated
+            settings=LlmSettings(prefix_cache=prefix_cache),  # no sidecar: the defaults, uncalibrated
         )
         stages.append(stage)
         return stage
@@ -153,10 +153,14 @@ def test_the_prefix_cache_gives_the_same_scores_as_a_fresh_context(load: Any, re
         warm.score(text, _present(names, repo_catalog))
     cached = [warm.score(t, _present(n, repo_catalog)).logliks for t, n in UTTERANCES[:2]]
     for (text, names), expected in zip(UTTERANCES[:2], cached, strict=True):
-        fresh = load()
-        assert fresh.engine.prefix == warm.engine.prefix
+        fresh = load(prefix_cache=False)  # evaluates the prefix itself
+        assert fresh.engine.prefix == warm.engine.prefix and fresh.prefix_from == "evaluated"
         assert fresh.score(text, _present(names, repo_catalog)).logliks == pytest.approx(expected, abs=2e-3)
         fresh.close()
+    restored = load()  # the same prefix from the disk cache the first load wrote
+    assert restored.prefix_from == "disk cache" and restored.prefix_ms < fresh.prefix_ms / 5
+    text, names = UTTERANCES[0]
+    assert restored.score(text, _present(names, repo_catalog)).logliks == pytest.approx(cached[0], abs=2e-3)
 
 
 def test_shared_batch_equals_one_sequence_per_candidate(load: Any, repo_catalog: Catalog) -> None:

@@ -17,7 +17,8 @@ A sidecar whose calibration turned the stage off (``accept: false``) is measured
 and ``stage_on`` says so: the service would not load it. ``--requests N`` sends at most N handed
 rows per set (0 = all). ``--tiny`` writes the tests' tiny random llama model (byte vocabulary,
 32-dim, 2 layers): it measures the stage's own overhead, not what a real model is worth.
-``--no-cache`` also times re-evaluating the few-shot prefix, what every call would pay without it.
+``--no-cache`` also times re-evaluating the few-shot prefix, what every call would pay without the
+KV cache (and what a load pays without the disk cache: ``prefix_from`` says which one it had).
 """
 
 from __future__ import annotations
@@ -218,6 +219,7 @@ def run(args: argparse.Namespace, model: Path) -> dict[str, Any]:  # noqa: PLR09
             "load_ms": round(load_ms, 1),
             "prefix_tokens": len(stage.engine.prefix),
             "prefix_examples": len(stage.prefix_examples),
+            "prefix_from": stage.prefix_from,  # "evaluated", or "disk cache" (an earlier load's)
             "prefix_eval_ms_at_load": round(stage.prefix_ms, 1),
             "prefix_eval_ms_again": _pct(prefix_ms, 50) if prefix_ms else None,
             "requests": len(all_times),
