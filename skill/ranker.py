@@ -141,6 +141,8 @@ class Ranker:
         self._calibration = config.calibration.linear()
         self.added = {"examples": 0, "negatives": 0, "skipped_unknown_intent": 0}
         self._tags = config.tags if len(session.get_outputs()) > 2 else []
+        if self._tags and self._tags[0] != "O":
+            raise ModelError(f"{model_dir}: tag 0 must be O, got {self._tags[0]!r}")
         self._tag_slots = {k: set(v) for k, v in config.tag_slots.items()}
         self._tag_raw = set(config.tag_raw_intents)
         self._pattern = re.compile(featurizer.spec.token_pattern)
@@ -233,12 +235,12 @@ class Ranker:
         allowed = self._tag_slots.get(intent)
         if not allowed:
             return []
-        tmap = token_map(canonical, self._pattern, self._featurizer.spec.max_words)
-        if tmap is None:
-            return []
         if tag_probs is None:
             tag_probs = self._run(model_text(canonical))[2]
-        if tag_probs is None:
+        if tag_probs is None or float(tag_probs[0, :, 0].min()) >= 0.5:
+            return []  # every word is O (label 0) at P >= 1/2: nothing to decode, the common case
+        tmap = token_map(canonical, self._pattern, self._featurizer.spec.max_words)
+        if tmap is None:
             return []
         spans = decode(
             tag_probs[0], self._tags, tmap, canonical, allowed, placeholders=intent in self._tag_raw
