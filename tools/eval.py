@@ -21,6 +21,7 @@ from skill.pipeline import Pipeline
 from skill.ranker import Ranker
 from skill.regex_stage import RegexStage
 from tools import metrics
+from tools.slot_metrics import SlotScores, gold_spans, predicted_spans
 
 
 class GoldenFailure(msgspec.Struct, frozen=True):
@@ -44,6 +45,7 @@ class EvalReport(msgspec.Struct, frozen=True):
     per_intent: dict[str, float]  # recall of each intent on the held-out split
     golden_total: int
     golden_failures: list[GoldenFailure]
+    slots: dict[str, Any] = msgspec.field(default_factory=dict)  # span P / R / F1, per slot too
 
 
 def build_pipeline(catalog: Catalog, model_dir: Path, threads: int = 1) -> Pipeline:
@@ -77,8 +79,14 @@ def golden_failures(pipeline: Pipeline, catalog: Catalog) -> tuple[int, list[Gol
 def evaluate(pipeline: Pipeline, catalog: Catalog, rows: Sequence[Any]) -> EvalReport:
     """Accuracy, calibration error and per-intent recall on ``rows`` (``text, intent, locale``)."""
     golds, preds, confs, correct = [], [], [], []
+    spans = SlotScores()
     for row in rows:
         d = pipeline.parse(row.text, row.locale or None).decision
+        if row.intent != metrics.OOS and getattr(row, "spans", None) is not None:
+            intent = catalog.intents.get(d.intent or "")
+            sources = {n: (s.source or n) for n, s in intent.slots.items()} if intent else {}
+            gold = [{"start": a, "end": b, "slot": n} for a, b, n in row.spans]
+            spans.add(predicted_spans(d.slots, d.evidence, sources), gold_spans(row.text, gold))
         golds.append(row.intent)
         preds.append(d.intent)
         confs.append(d.confidence if d.intent else 0.0)
@@ -96,6 +104,7 @@ def evaluate(pipeline: Pipeline, catalog: Catalog, rows: Sequence[Any]) -> EvalR
         per_intent={k: v.recall for k, v in sorted(per.items())},
         golden_total=total,
         golden_failures=failures,
+        slots=spans.report(),
     )
 
 
@@ -131,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{report.model_id}: accuracy {report.accuracy:.4f} on {report.n} rows, ECE {report.ece:.4f}, "
             f"golden {report.golden_total - len(report.golden_failures)}/{report.golden_total}"
         )
+        by_slot = report.slots.get("slot_f1_by_slot") or {}
+        if by_slot:
+            print(
+                f"  slots: P {report.slots['slot_precision']}, R {report.slots['slot_recall']}, "
+                f"F1 {report.slots['slot_f1']}; F1 by slot: "
+                + ", ".join(f"{k} {v['f1']}" for k, v in by_slot.items())
+            )
         for f in report.golden_failures:
             print(
                 f"  golden FAIL: {f.text!r} expected {f.expected_intent} {f.expected_slots}, "
