@@ -44,6 +44,7 @@ class RankerConfig(msgspec.Struct, frozen=True):
     tags: list[str] = msgspec.field(default_factory=list)  # BIO labels of the tagging head ([]: none)
     tag_slots: dict[str, list[str]] = msgspec.field(default_factory=dict)  # intent -> slots it may tag
     tag_raw_intents: list[str] = msgspec.field(default_factory=list)  # bench intents: placeholders taggable
+    tag_threshold: float = 0.5  # the decode's P(slot | slot or O) threshold, fitted on val
 
 
 class IntentInfo(msgspec.Struct, frozen=True):
@@ -237,8 +238,8 @@ class Ranker:
             return []
         if tag_probs is None:
             tag_probs = self._run(model_text(canonical))[2]
-        if tag_probs is None or float(tag_probs[0, :, 0].min()) >= 0.5:
-            return []  # every word is O (label 0) at P >= 1/2: nothing to decode, the common case
+        if tag_probs is None or float(tag_probs[0, :, 0].min()) >= max(0.5, 1.0 - self.config.tag_threshold):
+            return []  # every word is O (label 0) beyond what any slot could beat: nothing to decode
         tmap = token_map(canonical, self._pattern, self._featurizer.spec.max_words)
         if tmap is None:
             return []

@@ -151,7 +151,8 @@ def decode(  # noqa: PLR0917 - arrays and maps of one utterance, positionally as
     min_confidence: float = 0.5,
     placeholders: bool = False,
 ) -> list[TaggedSpan]:
-    """Constrained decode: only ``allowed`` slots, a word is in a span when P(not O) > 1/2.
+    """Constrained decode: only ``allowed`` slots; a word is in a span when the allowed slots' mass beats
+    ``min_confidence`` against O (1/2 by default; ``tools.train`` fits it on val).
 
     ``probs`` is [tokens, tags]. Per word, the slot is the one with the most B + I mass; adjacent
     words of the same slot form one span (one value per slot). A span's confidence is the mean
@@ -170,8 +171,8 @@ def decode(  # noqa: PLR0917 - arrays and maps of one utterance, positionally as
     for i in range(n):
         mass = np.array([probs[i, col[f"B-{s}"]] + probs[i, col[f"I-{s}"]] for s in slots])
         p_in = float(mass.sum())
-        if p_in <= float(probs[i, o]) or p_in <= 0.5 * float(probs[i].sum()):
-            continue
+        if p_in <= min_confidence * (p_in + float(probs[i, o])):
+            continue  # P(a slot | a slot or O) at most the threshold: the word is O
         slot = slots[int(mass.argmax())]
         a, b = tmap.ranges[i]
         if spans and spans[-1][0] == slot and spans[-1][2] >= a and last_end == i - 1:

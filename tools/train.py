@@ -194,7 +194,7 @@ def _tagger_report(  # noqa: PLR0917 - one call site, the training run's own obj
     """
     pattern = re.compile(feat.spec.token_pattern)
     wanted = {t[2:] for t in tags if t != "O"}
-    tp = n_pred = n_gold = 0
+    cases = []
     for row in rows:
         if row.spans is None:
             continue
@@ -213,18 +213,32 @@ def _tagger_report(  # noqa: PLR0917 - one call site, the training run's own obj
             if slot in wanted and rng is not None and not masked.intersection(range(*rng)):
                 gold.add((slot, start, end))
         allowed = set(catalog.intents[row.intent].slots) & wanted if row.intent in catalog.intents else wanted
-        pred = {(sp.slot, sp.start, sp.end) for sp in decode(out[2][0], tags, tmap, c, allowed)}
-        n_gold += len(gold)
-        n_pred += len(pred)
-        tp += len(pred & gold)
-    p = tp / n_pred if n_pred else 0.0
-    r = tp / n_gold if n_gold else 0.0
+        cases.append((out[2][0], tmap, c, allowed, gold))
+
+    def score(threshold: float) -> tuple[float, float, float, int]:
+        tp = n_pred = n_gold = 0
+        for probs, tmap, c, allowed, gold in cases:
+            pred = {(sp.slot, sp.start, sp.end) for sp in decode(probs, tags, tmap, c, allowed, threshold)}
+            n_gold += len(gold)
+            n_pred += len(pred)
+            tp += len(pred & gold)
+        p = tp / n_pred if n_pred else 0.0
+        r = tp / n_gold if n_gold else 0.0
+        return p, r, (2 * p * r / (p + r) if p + r else 0.0), n_gold
+
+    # The decode threshold is fitted here, on val (ties go to the one nearest 1/2).
+    grid = [round(0.3 + 0.05 * i, 2) for i in range(9)]
+    fitted = max(grid, key=lambda t: (round(score(t)[2], 4), -abs(t - 0.5)))
+    p, r, f, n_gold = score(fitted)
+    half = score(0.5)
     return {
         "tags": len(tags),
         "val_spans": n_gold,
+        "threshold": fitted,
         "precision": round(p, 4),
         "recall": round(r, 4),
-        "f1": round(2 * p * r / (p + r), 4) if p + r else 0.0,
+        "f1": round(f, 4),
+        "f1_at_half": round(half[2], 4),
     }
 
 
@@ -373,6 +387,9 @@ def train_model(
         conf = calibrate(sc.features, cal)
         correct = sc.top == gold
         inside = gold >= 0
+        tagger = (
+            _tagger_report(sess, feat, val_rows, canon, tags, catalog) if net.head_tag is not None else None
+        )
         metrics: dict[str, object] = {
             "val_accuracy": float(correct[inside].mean()) if inside.any() else None,
             "val_accuracy_softmax": float((val_probs.argmax(1) == gold)[inside].mean())
@@ -385,9 +402,7 @@ def train_model(
             "val_oos_rows": int((~inside).sum()),
             "train_seconds": round(train_seconds, 1),
             **{key: round(v, 6) for key, v in fit_report.items()},
-            "tagger": _tagger_report(sess, feat, val_rows, canon, tags, catalog)
-            if net.head_tag is not None
-            else None,
+            "tagger": tagger,
             "teacher": _teacher_alignment(teacher_model, teacher_info, val, val_emb, teacher_cache, cfg),
             **export_report,
             "data": msgspec.to_builtins(prep.report),
@@ -424,6 +439,7 @@ def train_model(
             tag_slots=_intent_tag_slots([r for r, _ in train], catalog, tags, prep.intents)
             if net.head_tag is not None
             else {},
+            tag_threshold=float(tagger["threshold"]) if tagger else 0.5,
             tag_raw_intents=[n for n in prep.intents if n not in catalog.intents]
             if net.head_tag is not None
             else [],
