@@ -116,6 +116,13 @@ class Engine:
         self.mem = lc.llama_get_memory(self.ctx)
         self.batch = lc.llama_batch_init(settings.n_batch, 0, n_seq)
 
+    def __del__(self) -> None:
+        # The service drops a replaced stage without closing it (a request may still hold it).
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001, S110 - interpreter shutdown: llama_cpp may be half gone
+            pass
+
     def close(self) -> None:
         """Free the batch, the context and the model (idempotent)."""
         if self.batch is not None:

@@ -6,6 +6,7 @@ Slow (a few model loads of a few seconds each): runs with ``NLU_SLOW=1`` or ``-m
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import time
 from collections.abc import Callable, Iterator
@@ -161,6 +162,28 @@ def test_the_prefix_cache_gives_the_same_scores_as_a_fresh_context(load: Any, re
     assert restored.prefix_from == "disk cache" and restored.prefix_ms < fresh.prefix_ms / 5
     text, names = UTTERANCES[0]
     assert restored.score(text, _present(names, repo_catalog)).logliks == pytest.approx(cached[0], abs=2e-3)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        return next(int(line.split()[1]) / 1024.0 for line in fh if line.startswith("VmRSS:"))
+
+
+def test_a_dropped_stage_frees_its_model(
+    gemma: Path, repo_catalog: Catalog, make_config: Callable[..., Config]
+) -> None:
+    """A catalog reload replaces the stage without closing it: dropping it must give the memory back."""
+    cfg = make_config(llm_model=str(gemma), catalog_dir=str(REPO / "catalog"), llm_threads=1)
+    stage = LlmStage.load(cfg, repo_catalog, settings=LlmSettings())
+    del stage
+    gc.collect()
+    before = _rss_mb()
+    for _ in range(3):
+        stage = LlmStage.load(cfg, repo_catalog, settings=LlmSettings())
+        stage.score("deactivate the lights in the kitchen", ["device.turn_on", "device.turn_off"])
+        del stage
+        gc.collect()
+    assert _rss_mb() - before < 120  # one model's weights alone are 253 MB
 
 
 def test_shared_batch_equals_one_sequence_per_candidate(load: Any, repo_catalog: Catalog) -> None:
