@@ -253,9 +253,13 @@ def _line_of(raw_text: str, needle: str) -> int | None:
     return raw_text.count("\n", 0, idx) + 1 if idx >= 0 else None
 
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _read_yaml(path: Path) -> Any:
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        # libyaml's C loader when PyYAML has it: ~10x faster on a catalog of thousands of examples.
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_LOADER)  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:
         raise CatalogError(path, "$", f"invalid YAML: {exc}") from exc
 
