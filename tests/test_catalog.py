@@ -146,3 +146,16 @@ def test_teacher_overlay_extends_existing_intents(tmp_path: Path) -> None:
     (root / "intents" / "a_teacher.yaml").write_text(overlay.read_text().replace("teacher, id", "skill, id"))
     with pytest.raises(CatalogError, match="duplicate alarm.set"):
         load_catalog(root)
+
+
+def test_catalog_keeps_the_probe_held_out() -> None:
+    """No catalog text equals, or is a light edit of, a row of the independent probe set."""
+    probe = REPO.parent / "shared" / "bench" / "home_probe.jsonl"
+    if not probe.is_file():
+        pytest.skip(f"{probe} not here")
+    import json  # noqa: PLC0415
+
+    from tools.probe import catalog_overlap  # noqa: PLC0415
+
+    rows = [json.loads(line) for line in probe.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert catalog_overlap(load_catalog(REPO / "catalog"), rows) == []

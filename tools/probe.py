@@ -167,6 +167,30 @@ def probe(pipeline: Pipeline, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return report
 
 
+def catalog_overlap(catalog: Catalog, rows: Sequence[dict[str, Any]], cutoff: float = 92.0) -> list[str]:
+    """Probe rows equal to, or within rapidfuzz ratio ``cutoff`` of, a catalog text (normalized).
+
+    The probe is a held-out set: a catalog example, negative, out-of-scope line or golden case this
+    close to one of its rows would make the probe measure memory, not generalization.
+    """
+    from rapidfuzz import fuzz, process  # noqa: PLC0415
+
+    from skill.values import tokenize  # noqa: PLC0415
+
+    def norm(t: str) -> str:
+        return " ".join(tokenize(t))
+
+    texts = {norm(e.text) for e in catalog.examples()} | {norm(e.text) for e in catalog.negatives()}
+    texts |= {norm(g.text) for i in catalog.intents.values() for g in i.golden}
+    keys = sorted(texts)
+    out = []
+    for row in rows:
+        q = norm(row["text"])
+        if q in texts or process.extractOne(q, keys, scorer=fuzz.ratio, score_cutoff=cutoff):
+            out.append(row["text"])
+    return out
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f} %"
 
@@ -175,6 +199,12 @@ def render_md(report: dict[str, Any], command: str) -> str:
     """The report as a page: headline table, per-category table, slots, wrong accepts."""
     langs = [k for k in report if k != "meta"]
     lines = [f"# Probe report — model `{report['meta']['model_id']}`", "", f"`{command}`", ""]
+    if "catalog_overlap_rows" in report["meta"]:
+        lines += [
+            "Probe rows equal to or within ratio 92 of a catalog text: "
+            f"{report['meta']['catalog_overlap_rows']}.",
+            "",
+        ]
     keys = [
         ("inscope_accuracy", "in-scope accuracy (top intent)"),
         ("accepted_correct", "accepted and correct"),
@@ -255,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     rows = read_rows(args.data)
     report = probe(pipeline, rows)
+    report["meta"]["catalog_overlap_rows"] = len(catalog_overlap(catalog, rows))
     command = "python -m tools.probe " + " ".join(sys.argv[1:] if argv is None else argv)
     md = render_md(report, command)
     if args.out:
