@@ -41,6 +41,9 @@ class ReloadEvent(msgspec.Struct, frozen=True):
     trigger: str = "start"
 
 
+_ROWS_BY_DIGEST: dict[str, list[Any]] = {}  # catalog digest -> its index rows (read-only once built)
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
@@ -123,7 +126,14 @@ class ServiceState:
         from .ranker import catalog_example_rows  # noqa: PLC0415 - the ML runtime loads with the ranker
 
         if self._rows_cache is None or self._rows_cache[0] != catalog.digest:
-            self._rows_cache = (catalog.digest, catalog_example_rows(catalog, canonicalizer))
+            rows = _ROWS_BY_DIGEST.get(catalog.digest)
+            if rows is None:
+                # Canonicalizing ~10k catalog texts takes about a second: once per catalog per process
+                # (a service rebuilt in the same process, as tests and reloads do, reuses the rows).
+                rows = catalog_example_rows(catalog, canonicalizer)
+                _ROWS_BY_DIGEST.clear()
+                _ROWS_BY_DIGEST[catalog.digest] = rows
+            self._rows_cache = (catalog.digest, rows)
         return self._rows_cache[1]
 
     def _load(self, trigger: str) -> ReloadEvent:
