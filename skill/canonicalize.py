@@ -145,6 +145,11 @@ class Canonicalizer:
         rules: dict[str, Any] = msgspec.to_builtins(self._rules)
         return rules
 
+    @property
+    def lemmatizer(self) -> Lemmatizer:
+        """The shared, cached lemmatizer (the tagger's span resolver uses it too)."""
+        return self._lemmatizer
+
     def canonicalize(
         self, text: str, locale: str | None = None, hub_entities: dict[str, Any] | None = None
     ) -> Canonical:

@@ -43,6 +43,9 @@ class Vocab(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     words: list[str]  # id = index + 2
     ngrams: list[str]  # id = index + 1 (0 pad; unknown n-grams are dropped)
     schema_version: int = 1
+    # Words no training text used, known from a teacher's word vectors (id = len(words) + 2 + index):
+    # they have a meaningful embedding but still count as unseen for calibration.
+    extra_words: list[str] = msgspec.field(default_factory=list)
 
     @property
     def n_chars(self) -> int:
@@ -52,6 +55,11 @@ class Vocab(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def n_words(self) -> int:
         """Size of the word embedding table."""
+        return len(self.words) + len(self.extra_words) + 2
+
+    @property
+    def n_trained_words(self) -> int:
+        """Word ids below this were seen in training texts (0 pad and 1 unknown included)."""
         return len(self.words) + 2
 
     @property
@@ -155,7 +163,7 @@ class Featurizer:
         self.spec = vocab.spec
         self._pattern = re.compile(vocab.spec.token_pattern)
         self._char_id = {c: i + 2 for i, c in enumerate(vocab.chars)}
-        self._word_id = {w: i + 2 for i, w in enumerate(vocab.words)}
+        self._word_id = {w: i + 2 for i, w in enumerate([*vocab.words, *vocab.extra_words])}
         self._gram_id = {g: i + 1 for i, g in enumerate(vocab.ngrams)}
         self._cache: dict[str, tuple[np.ndarray, int, list[int]]] = {}
 
@@ -214,6 +222,14 @@ class Featurizer:
             words[i, : w.shape[0]] = w
             grams[i, : len(g)] = g
         return Encoded(chars=chars, words=words, ngrams=grams)
+
+    def unseen_share(self, word_ids: np.ndarray) -> float:
+        """Share of the words training never saw (unknown, or known only from teacher word vectors)."""
+        return (
+            float(((word_ids == UNK) | (word_ids >= self.vocab.n_trained_words)).mean())
+            if word_ids.size
+            else 1.0
+        )
 
     def n_tokens(self, text: str) -> int:
         """How many words the model sees (used to bucket training batches by length)."""

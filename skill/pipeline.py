@@ -12,6 +12,7 @@ from .catalog import Catalog
 from .decision import Decision, Outcome
 from .gate import GateConfig, IntentPolicy, gate
 from .regex_stage import RegexStage
+from .resolve import SpanResolver
 from .slots import drop_kind_conflicts, fill_slots, kind_conflicts
 
 
@@ -88,6 +89,7 @@ class Pipeline:
         self.ranker = ranker
         self.llm = llm
         self.gate_config = gate_config or GateConfig()
+        self.resolver = SpanResolver(catalog, canonicalizer.lemmatizer)
         self.policies = {
             name: IntentPolicy(accept=i.thresholds.accept, margin=i.thresholds.margin)
             for name, i in catalog.intents.items()
@@ -118,7 +120,7 @@ class Pipeline:
         """
         traces: list[StageTrace] = []
         started = time.perf_counter()
-        canonical = self.canonicalizer.canonicalize(text, locale, hub_entities)
+        canonical = self.resolver.reconcile(self.canonicalizer.canonicalize(text, locale, hub_entities))
         traces.append(StageTrace("canonicalize", "ok", round((time.perf_counter() - started) * 1000.0, 3)))
         final = self._decide(canonical, traces, fallback, model)
         intent = self.catalog.intents.get(final.intent) if final.intent else None
@@ -129,12 +131,22 @@ class Pipeline:
             evidence["ambiguities"] = [msgspec.to_builtins(a) for a in canonical.ambiguities]
         tagged = self._tagged(final, canonical)
         if tagged:
-            evidence["entities"] += [msgspec.to_builtins(e) for e in tagged]
-            evidence["unresolved_entity_spans"] = [
+            evidence["entities"] += [msgspec.to_builtins(e) for e, _ in tagged]
+            unresolved = [
                 {"text": e.text, "slot": e.kind, "start": e.start, "end": e.end, "confidence": e.confidence}
-                for e in tagged
+                | ({"candidates": list(c)} if c else {})
+                for e, c in tagged
+                if e.ref is None
             ]
-        filled = msgspec.structs.replace(canonical, entities=canonical.entities + tuple(tagged))
+            if unresolved:
+                evidence["unresolved_entity_spans"] = unresolved
+            # A tagged name several registry entities could be is an ambiguity in AdaOS's own shape too.
+            evidence["ambiguities"] = evidence.get("ambiguities", []) + [
+                {"text": e.text, "candidates": list(c)} for e, c in tagged if c
+            ]
+            if not evidence["ambiguities"]:
+                del evidence["ambiguities"]
+        filled = msgspec.structs.replace(canonical, entities=canonical.entities + tuple(e for e, _ in tagged))
         check = fill_slots(intent, filled, final.slots)
         if check.invalid:
             evidence["invalid_slots"] = list(check.invalid)
@@ -151,11 +163,13 @@ class Pipeline:
             invalid_slots=tuple(i["slot"] for i in check.invalid),
         )
 
-    def _tagged(self, final: Decision, canonical: Canonical) -> list[EntityMatch]:
+    def _tagged(self, final: Decision, canonical: Canonical) -> list[tuple[EntityMatch, tuple[str, ...]]]:
         """The tagger's open-class spans for the decided intent, as entities after canonicalization's.
 
         The ranker tags in the same pass that ranks; a regex decision asks the tagger only when its
-        intent has taggable slots. Registry names and values were masked first, so they win.
+        intent has taggable slots. Registry names and values were masked first, so they win; a tagged
+        name the registry can still place (:mod:`skill.resolve`) gets its ref, else it stays ``ref: null``
+        with the entities it could be.
         """
         intent = self.catalog.intents.get(final.intent or "")
         if intent is None:
@@ -163,25 +177,7 @@ class Pipeline:
         spans = final.evidence.get("tagged_spans")
         if spans is None and final.via == "regex" and hasattr(self.ranker, "tag"):
             spans = self.ranker.tag(canonical, intent.intent)  # type: ignore[union-attr]
-        out = []
-        for sp in spans or ():
-            spec = intent.slots.get(sp["slot"])
-            if spec is None:
-                continue
-            out.append(
-                EntityMatch(
-                    placeholder=spec.source or sp["slot"],
-                    kind=sp["slot"],
-                    text=sp["text"],
-                    start=sp["start"],
-                    end=sp["end"],
-                    value=sp["text"],
-                    source="tagger",
-                    match_type="tagged",
-                    confidence=sp["confidence"],
-                )
-            )
-        return out
+        return self.resolver.place(intent, spans or (), canonical.entities)
 
     def _decide(
         self, canonical: Canonical, traces: list[StageTrace], use_llm: bool = True, use_model: bool = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +19,14 @@ from .canonicalize import Canonical, Canonicalizer
 from .catalog import Catalog
 from .decision import Candidate, Decision, Outcome
 from .features import VOCAB_NAME, Featurizer, model_text
-from .scoring import Blend, Calibration, alternative_confidences, calibrate, log_priors, score_one
+from .scoring import (
+    CALIBRATION_FEATURES,
+    Blend,
+    Calibration,
+    alternative_confidences,
+    log_priors,
+    score_one,
+)
 from .tagging import decode, token_map
 
 _LOGGER = logging.getLogger(__name__)
@@ -139,7 +147,10 @@ class Ranker:
         self._labels = np.asarray([position[r.intent] for r in positives_rows], dtype=np.int64)
         self._log_prior = log_priors([i.prior for i in intents])
         self._prior = np.exp(self._log_prior)
-        self._calibration = config.calibration.linear()
+        try:
+            self._calibration = config.calibration.linear(CALIBRATION_FEATURES)
+        except ValueError as exc:
+            raise ModelError(f"{model_dir}: {exc}") from exc
         self.added = {"examples": 0, "negatives": 0, "skipped_unknown_intent": 0}
         self._tags = config.tags if len(session.get_outputs()) > 2 else []
         if self._tags and self._tags[0] != "O":
@@ -219,10 +230,12 @@ class Ranker:
         except Exception as exc:  # a graph that loads but cannot run these inputs is a broken model
             raise ModelError(f"{self.model_dir}: warm-up failed: {exc}") from exc
 
-    def _run(self, masked: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """One forward pass: class probabilities, embedding, tag probabilities (None without a head)."""
-        outs = self._session.run(None, self._featurizer.encode([masked]).feeds())
-        return outs[0], outs[1], outs[2] if len(outs) > 2 else None
+    def _run(self, masked: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
+        """One forward pass: class probabilities, embedding, tag probabilities (None without a head) and
+        the share of words the vocabulary does not know (a calibration feature)."""
+        enc = self._featurizer.encode([masked])
+        outs = self._session.run(None, enc.feeds())
+        return outs[0], outs[1], outs[2] if len(outs) > 2 else None, self._featurizer.unseen_share(enc.words)
 
     def tag(
         self, canonical: Canonical, intent: str | None, tag_probs: np.ndarray | None = None
@@ -263,18 +276,19 @@ class Ranker:
         self, masked: str
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float | None, int]:
         """Softmax, kNN sims and labels, example rows, nearest-negative sim and row for one text."""
-        probs, emb, _ = self._run(masked)
+        probs, emb, _, _ = self._run(masked)
         sims, labels, rows, neg_sim, neg_row = self._search(emb)
         return probs, sims, labels, rows, neg_sim, neg_row
 
     def decide(self, canonical: Canonical) -> Decision:
         """Rank intents for ``canonical.masked``: ACCEPT (calibrated confidence) or REJECT on negatives."""
-        probs, emb, tag_probs = self._run(model_text(canonical))
+        probs, emb, tag_probs, unk = self._run(model_text(canonical))
         sims, labels, rows, neg_sim, neg_row = self._search(emb)
         scores, feats, top, _, knn_top = score_one(
-            probs[0], sims[0], labels[0], neg_sim, self._log_prior, self.config.blend
+            probs[0], sims[0], labels[0], neg_sim, self._log_prior, self.config.blend, unk
         )
-        conf = float(calibrate(feats, self._calibration))
+        w, b = self._calibration
+        conf = 1.0 / (1.0 + math.exp(-min(40.0, max(-40.0, float(feats @ w) + b))))  # = calibrate(), one row
         alternatives = tuple(
             Candidate(self._names[i], round(c, 6))
             for i, c in alternative_confidences(scores, top, conf, ALTERNATIVES)
@@ -297,6 +311,7 @@ class Ranker:
             "margin": round(float(feats[1]), 6),
             "matched_examples": matched[:MATCHED_EXAMPLES],
             "nearest_example_similarity": round(pos_sim, 6),
+            "unknown_word_share": round(unk, 4),
             "nearest_negative": nearest_negative,
             "canonicalized_text": canonical.masked,
             "model_id": self.model_id,

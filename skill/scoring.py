@@ -7,7 +7,9 @@ import math
 import msgspec
 import numpy as np
 
-CALIBRATION_FEATURES = ("s_top", "s_gap", "log_p_top", "knn_top", "pos_sim", "neg_gap")
+# ``unk_share``: the share of the utterance's words the model's vocabulary never saw in training, so an
+# utterance made of unseen words is not accepted on similarity alone (older models calibrate without it).
+CALIBRATION_FEATURES = ("s_top", "s_gap", "log_p_top", "knn_top", "pos_sim", "neg_gap", "unk_share")
 NO_NEGATIVE = -1.0  # neg_gap when the model has no negative examples
 
 
@@ -30,11 +32,23 @@ class Calibration(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     bias: float = 0.0
     kind: str = "logistic"
 
-    def linear(self) -> tuple[np.ndarray, float]:
-        """The map folded into one weight vector and bias over raw features (what serving multiplies by)."""
+    def linear(self, over: tuple[str, ...] | None = None) -> tuple[np.ndarray, float]:
+        """The map folded into one weight vector and bias over raw features (what serving multiplies by).
+
+        ``over`` lays the weights out over those feature names (0 for a feature this map does not use);
+        a feature of the map that ``over`` lacks is a :class:`ValueError`.
+        """
         scale = np.asarray(self.scale)
         w = np.asarray(self.coef) / scale
-        return w, float(self.bias - (np.asarray(self.mean) * w).sum())
+        bias = float(self.bias - (np.asarray(self.mean) * w).sum())
+        if over is None or tuple(over) == tuple(self.features):
+            return w, bias
+        unknown = [n for n in self.features if n not in over]
+        if unknown:
+            raise ValueError(f"calibration uses unknown features {unknown}")
+        full = np.zeros(len(over))
+        full[[over.index(n) for n in self.features]] = w
+        return full, bias
 
 
 class Scored(msgspec.Struct, frozen=True):
@@ -66,8 +80,12 @@ def score_batch(  # noqa: PLR0917 - a pure function over parallel arrays
     neg_sims: np.ndarray | None,
     log_prior: np.ndarray,
     blend: Blend,
+    unk: np.ndarray | None = None,
 ) -> Scored:
-    """Blend the components for a batch of queries and compute the calibration features."""
+    """Blend the components for a batch of queries and compute the calibration features.
+
+    ``unk`` is each query's share of out-of-vocabulary words (0 when not given).
+    """
     n_classes = probs.shape[1]
     log_p = np.log(np.clip(probs, 1e-9, 1.0))
     knn = knn_matrix(sims, labels, n_classes)
@@ -79,13 +97,21 @@ def score_batch(  # noqa: PLR0917 - a pure function over parallel arrays
     s_gap = s_top - scores[rows, second] if n_classes > 1 else np.full_like(s_top, 10.0)
     pos_sim = sims[:, 0] if sims.shape[1] else np.zeros(len(top), dtype=np.float32)
     neg_gap = neg_sims - pos_sim if neg_sims is not None else np.full(len(top), NO_NEGATIVE)
-    feats = np.stack([s_top, s_gap, log_p[rows, top], knn[rows, top], pos_sim, neg_gap], axis=1)
+    unk_share = np.zeros(len(top)) if unk is None else np.asarray(unk, dtype=np.float64)
+    feats = np.stack([s_top, s_gap, log_p[rows, top], knn[rows, top], pos_sim, neg_gap, unk_share], axis=1)
     return Scored(scores=scores, features=feats.astype(np.float64), top=top, second=second, knn=knn)
 
 
 def calibrate(features: np.ndarray, cal: Calibration | tuple[np.ndarray, float]) -> np.ndarray:
-    """P(top is correct) per row of ``features`` (``cal`` may be pre-folded by :meth:`Calibration.linear`)."""
-    w, b = cal.linear() if isinstance(cal, Calibration) else cal
+    """P(top is correct) per row of ``features`` (``cal`` may be pre-folded by :meth:`Calibration.linear`).
+
+    Features in :data:`CALIBRATION_FEATURES` order work with any map over a subset of them.
+    """
+    if isinstance(cal, Calibration):
+        full = features.shape[-1] == len(CALIBRATION_FEATURES)
+        w, b = cal.linear(CALIBRATION_FEATURES if full else None)
+    else:
+        w, b = cal
     logit = features @ w + b
     return 1.0 / (1.0 + np.exp(-np.clip(logit, -40.0, 40.0)))
 
@@ -97,6 +123,7 @@ def score_one(  # noqa: PLR0917 - a pure function over parallel arrays
     neg_sim: float | None,
     log_prior: np.ndarray,
     blend: Blend,
+    unk: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, int, int, float]:
     """:func:`score_batch` for one query, cheaper: (scores, features, top, second, knn of top)."""
     log_p = np.log(np.maximum(probs, 1e-9))
@@ -126,7 +153,7 @@ def score_one(  # noqa: PLR0917 - a pure function over parallel arrays
     neg_gap = neg_sim - pos_sim if neg_sim is not None else NO_NEGATIVE
     s_top = float(scores[top])
     feats = np.array(
-        [s_top, s_top - float(scores[second]), float(log_p[top]), float(knn[top]), pos_sim, neg_gap]
+        [s_top, s_top - float(scores[second]), float(log_p[top]), float(knn[top]), pos_sim, neg_gap, unk]
     )
     return scores, feats, top, second, float(knn[top])
 

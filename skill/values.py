@@ -148,6 +148,9 @@ class MaskingRules(_Strict, frozen=True):
     dates: DateWords = msgspec.field(default_factory=DateWords)
     durations: DurationWords = msgspec.field(default_factory=DurationWords)
     kind_nouns: dict[str, list[str]] = _d()
+    # Registry kind → nouns that name only that kind ("lamp" is a light): the tagger's span resolver
+    # narrows a room's devices with them.
+    kind_words: dict[str, list[str]] = _d()
     cities: list[City] = _l()
     temperature: TemperatureWords = msgspec.field(default_factory=TemperatureWords)
     colors: ColorWords = msgspec.field(default_factory=ColorWords)

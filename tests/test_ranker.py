@@ -19,6 +19,7 @@ from skill.catalog import load_catalog
 from skill.decision import Outcome
 from skill.ranker import Ranker
 from skill.scoring import (
+    CALIBRATION_FEATURES,
     Blend,
     Calibration,
     alternative_confidences,
@@ -207,14 +208,29 @@ def test_score_one_matches_score_batch() -> None:
             labels = rng.integers(0, n_classes, (1, 6))
             prior = rng.normal(size=n_classes).astype(np.float32)
             blend = Blend(w_knn=4.0, w_prior=0.5, k=6)
-            sc = score_batch(probs, sims, labels, np.array([0.2]), prior, blend)
-            scores, feats, top, second, knn_top = score_one(probs[0], sims[0], labels[0], 0.2, prior, blend)
+            unk = float(rng.random())
+            sc = score_batch(probs, sims, labels, np.array([0.2]), prior, blend, np.array([unk]))
+            scores, feats, top, second, knn_top = score_one(
+                probs[0], sims[0], labels[0], 0.2, prior, blend, unk
+            )
             assert (top, second) == (int(sc.top[0]), int(sc.second[0]))
             assert feats == pytest.approx(sc.features[0], abs=1e-5)
             assert scores == pytest.approx(sc.scores[0], abs=1e-5) and knn_top == pytest.approx(
                 sc.knn[0, top]
             )
             cal = Calibration(
-                coef=(0.5, -1.0, 0.2, 0.3, 0.1, -0.4), mean=(1.0,) * 6, scale=(2.0,) * 6, bias=0.1
+                coef=(0.5, -1.0, 0.2, 0.3, 0.1, -0.4, -0.7), mean=(1.0,) * 7, scale=(2.0,) * 7, bias=0.1
             )
             assert calibrate(feats, cal.linear()) == pytest.approx(calibrate(sc.features, cal)[0])
+            # A model calibrated before unk_share existed keeps its answers over the longer features.
+            old = Calibration(
+                features=CALIBRATION_FEATURES[:6],
+                coef=(0.5, -1.0, 0.2, 0.3, 0.1, -0.4),
+                mean=(1.0,) * 6,
+                scale=(2.0,) * 6,
+                bias=0.1,
+            )
+            assert calibrate(feats, old.linear(CALIBRATION_FEATURES)) == pytest.approx(
+                calibrate(feats[:6], old.linear())
+            )
+            assert calibrate(sc.features, old)[0] == pytest.approx(calibrate(feats[:6], old.linear()))

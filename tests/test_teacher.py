@@ -65,7 +65,7 @@ def test_distillation_aligns_the_student(tmp_path: Path) -> None:
             use_oos_train=True,
             teacher="hash",
             teacher_cache=tmp_path / "cache",
-            config=TrainConfig(epochs=25, distill_weight=weight, ema_decay=0.0),
+            config=TrainConfig(epochs=25, distill_weight=weight, ema_decay=0.0, word_vectors=0),
         )
         metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
         cfg = json.loads((path / "ranker_config.json").read_text(encoding="utf-8"))
@@ -77,6 +77,46 @@ def test_distillation_aligns_the_student(tmp_path: Path) -> None:
     assert taught["name"] == "hash-trigram" and taught["texts"] > 0
     assert taught["computed"] == 0  # the first run filled the cache
     assert taught["val_cka"] > plain["val_cka"] + 0.02, (plain, taught)
+
+
+def test_teacher_word_vectors_place_unseen_words(tmp_path: Path) -> None:
+    """Words no training text used join the table and land where their teacher vectors say."""
+    import torch
+
+    from skill.features import Featurizer, build_vocab
+    from tools._loop import fit_net
+    from tools._teacher import teacher_word_vectors
+
+    texts = ["turn on the light", "turn off the light", "play some music", "stop the music"] * 4
+    labels = [0, 1, 2, 3] * 4
+    extra = ["lights", "musics", "xyzzyq"]
+    vocab, table, info = teacher_word_vectors(
+        HashTeacher(), build_vocab(texts), 0, tmp_path, words=[*extra, "light"]
+    )
+    assert vocab.extra_words == extra and info["extra_words"] == 3  # "light" was a training word
+    assert vocab.n_words == vocab.n_trained_words + 3
+    feat = Featurizer(vocab)
+    word_id = {w: int(feat.encode_one(w)[1][0]) for w in [*extra, "light", "music"]}
+    assert all(word_id[w] >= vocab.n_trained_words for w in extra)
+    assert feat.unseen_share(feat.encode_one("turn on the lights")[1]) == pytest.approx(0.25)
+    assert (
+        np.abs(table[[0, 1]]).sum() == 0
+        and (np.abs(table[[word_id[w] for w in extra]]).sum(axis=1) > 0).all()
+    )
+
+    def cos(net: torch.nn.Module, a: str, b: str) -> float:
+        w = net.word_emb.weight.detach()
+        return float(torch.nn.functional.cosine_similarity(w[word_id[a]], w[word_id[b]], dim=0))
+
+    def gap(net: torch.nn.Module) -> float:
+        # "lights" should sit by "light" (their teacher vectors agree), "xyzzyq" should not.
+        return cos(net, "lights", "light") - cos(net, "xyzzyq", "light")
+
+    cfg = TrainConfig(epochs=40, batch_size=4, ema_decay=0.0, word_vector_weight=1.0)
+    taught = fit_net(feat, texts, labels, 4, seed=1, cfg=cfg, progress=False, word_targets=table)
+    plain = fit_net(feat, texts, labels, 4, seed=1, cfg=cfg, progress=False)
+    assert gap(taught) > 0.3 and gap(taught) > gap(plain) + 0.3, (gap(taught), gap(plain))
+    assert cos(taught, "musics", "music") > cos(taught, "musics", "light")
 
 
 def test_service_imports_no_torch_and_no_teacher() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 import pytest
 import yaml
 
@@ -359,3 +360,30 @@ def test_weight_average_is_what_gets_exported() -> None:
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, last_step_only, strict=True))
     moved = [not torch.allclose(a, b) for a, b in zip(plain, averaged, strict=True) if a.requires_grad]
     assert sum(moved) >= len(moved) // 2
+
+
+def test_large_example_sets_get_a_deterministic_hnsw_index(tmp_path: Path) -> None:
+    """From HNSW_MIN vectors on the example index is an HNSW graph: same bytes for the same vectors,
+    its settings survive the file, and its neighbours are the exact search's."""
+    import faiss
+
+    from tools.train import HNSW_EF_SEARCH, HNSW_MIN, _index
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((HNSW_MIN + 500, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    small = _index(x[: HNSW_MIN - 1], 32)
+    assert isinstance(small, faiss.IndexFlatIP)
+    a, b = _index(x, 32), _index(x, 32)
+    assert faiss.serialize_index(a).tobytes() == faiss.serialize_index(b).tobytes()
+    faiss.write_index(a, str(tmp_path / "faiss.index"))
+    back = faiss.read_index(str(tmp_path / "faiss.index"))
+    assert type(back).__name__ == "IndexHNSWSQ" and back.hnsw.efSearch == HNSW_EF_SEARCH
+    exact = faiss.IndexFlatIP(32)
+    exact.add(x)
+    q = x[rng.choice(len(x), 200)] + rng.normal(scale=0.05, size=(200, 32)).astype(np.float32)
+    got, want = back.search(q, 10)[1], exact.search(q, 10)[1]
+    recall = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want, strict=True)])
+    assert recall > 0.95, recall
+    back.add(x[:3])  # the service adds catalog rows at start: the graph takes them
+    assert back.ntotal == len(x) + 3

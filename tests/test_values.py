@@ -112,6 +112,16 @@ def test_times(canon: Canonicalizer, text: str, masked: str, value: str) -> None
         ("2 hours and 15 minutes", "{duration}", "PT2H15M"),
         ("90 seconds", "{duration}", "PT90S"),
         ("3 weeks", "{duration}", "P3W"),
+        # Abbreviations, diminutives and "a couple", as people type and say them.
+        ("таймер на 5 мин", "таймер на {duration}", "PT5M"),
+        ("на 10 сек", "на {duration}", "PT10S"),
+        ("на 3 ч", "на {duration}", "PT3H"),
+        ("на минутку", "на {duration}", "PT1M"),
+        ("на часик", "на {duration}", "PT1H"),
+        ("15 минуточек", "{duration}", "PT15M"),
+        ("через пару минут", "через {duration}", "PT2M"),
+        ("for 2 hrs", "for {duration}", "PT2H"),
+        ("in a couple of minutes", "in {duration}", "PT2M"),
     ],
 )
 def test_durations(canon: Canonicalizer, text: str, masked: str, value: str) -> None:

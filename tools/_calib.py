@@ -26,6 +26,7 @@ class ValBatch(msgspec.Struct, frozen=True):
     labels: np.ndarray
     neg_sims: np.ndarray | None
     gold: np.ndarray
+    unk: np.ndarray | None = None  # share of out-of-vocabulary words per row
 
 
 def fit_blend(val: ValBatch, log_prior: np.ndarray, k: int) -> tuple[Blend, dict[str, float]]:
@@ -119,7 +120,7 @@ def fit_all(
 ) -> tuple[Blend, Calibration, float, dict[str, float]]:
     """Blend, then calibration (with 2-fold cross-fitted ECE for an honest figure), then reject margin."""
     blend, report = fit_blend(val, log_prior, k)
-    sc = score_batch(val.probs, val.sims, val.labels, val.neg_sims, log_prior, blend)
+    sc = score_batch(val.probs, val.sims, val.labels, val.neg_sims, log_prior, blend, val.unk)
     correct = sc.top == val.gold
     cal = fit_calibration(sc.features, correct)
     conf = calibrate(sc.features, cal)

