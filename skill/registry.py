@@ -50,7 +50,46 @@ def write_pointer(root: Path, model_id: str, *, who: str = "", why: str = "") ->
     }
     with (root / HISTORY_NAME).open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    mirror_active(root, model_id)
     return pointer
+
+
+def mirror_active(root: Path, model_id: str) -> list[str]:
+    """Relative symlinks ``root/<file>`` → ``<model_id>/<file>`` for every file of the active version.
+
+    AdaOS's readiness check (``adaos interpreter neural-readiness``) reads the artifact root flat
+    (``$ADAOS_STATE_DIR/nlu/neural/model.pt``); the service keeps immutable versions behind
+    ``active.json``. The mirror gives AdaOS the served version's files where it looks, in a few
+    bytes. Each link is swapped atomically; links into older versions that the new one lacks are
+    removed; regular files in ``root`` are never touched. Where symlinks cannot be made (some
+    Windows setups) the mirror is skipped: serving does not depend on it. Returns the mirrored names.
+    """
+    version = root / model_id
+    if not version.is_dir():
+        return []
+    names = sorted(p.name for p in version.iterdir() if p.is_file() and not p.name.startswith("."))
+    reserved = {POINTER_NAME, HISTORY_NAME}
+    done: list[str] = []
+    for name in names:
+        link = root / name
+        if name in reserved or (link.exists() and not link.is_symlink()):
+            continue
+        tmp = root / f".{name}.{os.getpid()}.link"
+        try:
+            if tmp.is_symlink():
+                tmp.unlink()
+            tmp.symlink_to(Path(model_id) / name)
+            os.replace(tmp, link)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            return done
+        done.append(name)
+    for link in root.iterdir():
+        if link.is_symlink() and link.name not in names:
+            target = os.readlink(link)
+            if not os.path.isabs(target) and Path(target).parts[:1] != (model_id,):
+                link.unlink()  # a file of the version served before
+    return done
 
 
 def resolve_model_dir(roots: list[Path], pinned: str | None = None) -> Path | None:

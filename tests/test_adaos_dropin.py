@@ -16,10 +16,8 @@ What AdaOS does and this does not: create the skill's venv and ``pip install -r 
 (the test runs the current interpreter, which has them), and the fixed port 18091 (a free port is
 put into the copy's ``skill.yaml``, so parallel runs do not collide).
 
-``test_embedded_default_model_readiness`` is marked xfail until the embedded default model under
-``models/`` is retrained with the issue-15 training code (it predates ``model.pt`` and the other
-AdaOS files); once the retrained model carries ``model.pt`` the mark no longer applies and the test
-must pass like the fresh model's does.
+``test_embedded_default_model_readiness`` checks the committed default model and the flat mirror of it
+in ``models/`` that AdaOS's readiness check reads.
 """
 
 from __future__ import annotations
@@ -463,18 +461,15 @@ def test_started_by_the_supervisor_is_healthy_within_10_s(
     assert proc.wait(timeout=15) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AdaOS's readiness check reads the artifact root flat ($ADAOS_STATE_DIR/nlu/neural/model.pt); "
-    "the service keeps versions in <root>/<model_id>/ behind active.json: needs a flat mirror of the "
-    "active version (registry) or AdaOS following active.json",
-)
 def test_readiness_without_starting_reads_the_served_version(
     node: dict[str, Path], fresh_model: Path
 ) -> None:
+    """AdaOS reads the artifact root flat; activation mirrors the served version there (symlinks)."""
     root = node["base"] / "state" / "nlu" / "neural"
     shutil.copytree(fresh_model.parent, root, dirs_exist_ok=True)  # the node serves the fresh model
     assert diagnose(artifact_readiness(root), neural_stage_routed(node["skills"]), None) is True
+    assert (fresh_model.parent / "model.pt").is_symlink()
+    assert (fresh_model.parent / "model.pt").resolve() == (fresh_model / "model.pt").resolve()
 
 
 # ------------------------------------------------------------------ artifacts
@@ -624,18 +619,12 @@ def test_folders_with_the_previous_names_still_load_and_verify(fresh_model: Path
     assert Ranker.load(other / fresh_model.name).model_id == fresh_model.name
 
 
-@pytest.mark.xfail(
-    condition=not (REPO / "models")
-    .joinpath(
-        json.loads((REPO / "models" / "active.json").read_text(encoding="utf-8"))["model_id"], "model.pt"
-    )
-    .is_file(),
-    strict=True,
-    reason="the embedded default predates issue 15's artifacts: the lead's retrain "
-    "(python -m tools.train --activate) writes them, then this must pass",
-)
 def test_embedded_default_model_readiness() -> None:
     pointer = json.loads((REPO / "models" / "active.json").read_text(encoding="utf-8"))
     model_dir = REPO / "models" / pointer["model_id"]
     verify_model_dir(model_dir)
     assert readiness_problems(model_dir) == []
+    # The repository's model root carries the flat mirror AdaOS reads (python -m tools.models promote
+    # and tools.train --activate keep it).
+    assert artifact_readiness(REPO / "models")["ok"]
+    assert (REPO / "models" / "model.onnx").resolve() == (model_dir / "model.onnx").resolve()

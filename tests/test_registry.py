@@ -121,3 +121,30 @@ def test_import_is_verified_and_immutable(tmp_path: Path) -> None:
     (src / "ranker_config.json").write_text("tampered")
     assert cli.main(["--root", str(tmp_path / "node2"), "import", str(src)]) == 1
     assert not (tmp_path / "node2" / "m9").exists()
+
+
+def test_activation_mirrors_the_served_version_flat(tmp_path: Path) -> None:
+    """AdaOS reads ``root/model.pt`` and friends: activation links the served version's files there."""
+    versions = {"v1": ("model.onnx", "model.pt", "only_v1.json"), "v2": ("model.onnx", "model.pt")}
+    for vid, files in versions.items():
+        (tmp_path / vid).mkdir()
+        for name in files:
+            (tmp_path / vid / name).write_text(f"{vid}:{name}", encoding="utf-8")
+    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")  # a regular file is never touched
+    (tmp_path / "v1" / "notes.txt").write_text("v1 notes", encoding="utf-8")
+
+    write_pointer(tmp_path, "v1")
+    assert (tmp_path / "model.pt").read_text(encoding="utf-8") == "v1:model.pt"
+    assert os.readlink(tmp_path / "model.pt") == os.path.join("v1", "model.pt")  # relative: the root can move
+    assert (tmp_path / "only_v1.json").is_symlink()
+    assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "mine"
+
+    write_pointer(tmp_path, "v2")
+    assert (tmp_path / "model.pt").read_text(encoding="utf-8") == "v2:model.pt"
+    assert not (tmp_path / "only_v1.json").exists() and not (tmp_path / "only_v1.json").is_symlink()
+    assert (tmp_path / "active.json").is_file() and not (tmp_path / "active.json").is_symlink()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".link")]
+    moved = tmp_path.parent / "moved-root"
+    tmp_path.rename(moved)
+    assert (moved / "model.onnx").read_text(encoding="utf-8") == "v2:model.onnx"
+    moved.rename(tmp_path)
