@@ -104,9 +104,11 @@ class ServiceState:
                 if self.pipeline is None:
                     raise
                 event = self._refuse(trigger, f"{type(exc).__name__}: {exc}")
-            if self.config.memory_trim and trigger != "start":
+            if self.config.memory_trim:
                 # The old pipeline is unreferenced now (requests still using it keep it until they
-                # end; the next trim gets those). Collect cycles, then hand free pages back.
+                # end; the next trim gets those), and at start the loading's temporaries (the
+                # catalog's YAML, the embedding batches of its examples) are garbage. Collect
+                # cycles, then hand free pages back.
                 gc.collect()
                 memory.trim()
             return event
