@@ -191,6 +191,24 @@ def catalog_overlap(catalog: Catalog, rows: Sequence[dict[str, Any]], cutoff: fl
     return out
 
 
+def catalog_texts_near(catalog: Catalog, rows: Sequence[dict[str, Any]], cutoff: float = 92.0) -> list[str]:
+    """The catalog's own texts that equal, or are within ``cutoff`` of, a probe row (the other side of
+    :func:`catalog_overlap`): what to delete or reword, named without showing the held-out rows."""
+    from rapidfuzz import fuzz, process  # noqa: PLC0415
+
+    from skill.values import tokenize  # noqa: PLC0415
+
+    def norm(t: str) -> str:
+        return " ".join(tokenize(t))
+
+    probe = sorted({norm(r["text"]) for r in rows})
+    texts = [e.text for e in catalog.examples()] + [e.text for e in catalog.negatives()]
+    texts += [g.text for i in catalog.intents.values() for g in i.golden]
+    return sorted(
+        {t for t in texts if process.extractOne(norm(t), probe, scorer=fuzz.ratio, score_cutoff=cutoff)}
+    )
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f} %"
 
