@@ -121,7 +121,7 @@ class Canonicalizer:
         self._rules = load_rules(catalog)
         cfg = self._rules.matching
         self._lemmatizer = Lemmatizer(cfg.lemma_min_score)
-        self._values = ValueParser(self._rules, self._lemmatizer.lemmas)
+        self._values = ValueParser(self._rules, self._lemmatizer.lemmas, self._lemmatizer.is_known)
         entries: list[tuple[Target, Sequence[str]]] = []
         for kind, items in catalog.entities.items():
             for entity in items:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import unicodedata
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, TypeVar
 
 import msgspec
+from rapidfuzz.distance import OSA
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -159,6 +161,7 @@ class MaskingRules(_Strict, frozen=True):
 _APOSTROPHES = re.compile(r"['’ʼ`´]")
 _LOOSE_SEP = re.compile(r"(?<![0-9])[:.,]|[:.,](?![0-9])")
 _TOKEN = re.compile(r"[0-9]+(?:[:.,/][0-9]+)*|[^\W_]+|°")  # "7am" → "7 am", "mp3" stays, "1/2", "30°"
+_FUZZY_UNIT_MIN, _FUZZY_UNIT_SIM = 5, 0.8
 _FRACTION = re.compile(r"([0-9]{1,3})/([0-9]{1,3})")
 _NUM = re.compile(r"[0-9]+(?:[.,][0-9]+)?")
 _THOUSANDS = re.compile(r"[0-9]{1,3}(?:,[0-9]{3})+")
@@ -282,8 +285,14 @@ _Clock = tuple[int, int, int, int]  # end, hour, minute, cue (0 none, 1 soft, 2 
 class ValueParser:
     """Finds time, date, duration and number spans in tokens; built once, read-only afterwards."""
 
-    def __init__(self, rules: MaskingRules, lemmatize: Callable[[str], Lemmas]) -> None:
+    def __init__(
+        self,
+        rules: MaskingRules,
+        lemmatize: Callable[[str], Lemmas],
+        is_known: Callable[[str], bool] | None = None,
+    ) -> None:
         self._lemmatize = lemmatize
+        self._is_known = is_known or (lambda _w: False)
         self._guess_conf = rules.matching.clock_guess_confidence
         n, t, d, u = rules.numbers, rules.time, rules.dates, rules.durations
         self._numwords: dict[str, tuple[str, int]] = {}
@@ -310,6 +319,14 @@ class ValueParser:
         self._months, self._ordinals = _table(d.months), _table(d.ordinals)
         self._ord_suffix, self._of = _words(d.ordinal_suffixes), _words(d.of)
         self._units, self._dur_fixed = _table(u.units), _phrases(u.fixed)
+        # Unit words long enough to recognise misspelt (and their Russian stems: «минут», «секунд»).
+        self._unit_forms: dict[str, str] = {}
+        for word, unit in self._units.items():
+            if len(word) >= _FUZZY_UNIT_MIN and word.isalpha():
+                self._unit_forms.setdefault(word, unit)
+                if word[-1] in "аяыиеоу" and len(word) > _FUZZY_UNIT_MIN:
+                    self._unit_forms.setdefault(word[:-1], unit)
+        self._fuzzy_unit = functools.lru_cache(maxsize=4096)(self._fuzzy_unit_uncached)
         self._bare_after, self._dur_and = _words(u.bare_after), _words(u.connectors)
         self._and_half = _phrases(dict.fromkeys(u.and_a_half, 0.5))
         self._extremes = {w: k for k, words in n.extremes.items() for w in _words(words)}
@@ -653,6 +670,20 @@ class ValueParser:
         iso = _iso(parts)
         return (end, iso, 1.0) if iso else None
 
+    def _fuzzy_unit_uncached(self, word: str) -> str | None:
+        """The duration unit a misspelt word stands for: one edit (transpositions count once) in a word
+        of five letters or more; only asked after "на / через / for / in" and a number."""
+        if len(word) < _FUZZY_UNIT_MIN or not word.isalpha() or (not word.isascii() and self._is_known(word)):
+            return None  # a real Russian word («минуса») is not a misspelt unit
+        forms = {word, word[:-1]} if word.endswith("s") and word.isascii() else {word}
+        best, unit = 0.0, None
+        for form in forms:
+            for cand, u in self._unit_forms.items():
+                sim = OSA.normalized_similarity(form, cand)
+                if sim > best:
+                    best, unit = sim, u
+        return unit if best >= _FUZZY_UNIT_SIM else None
+
     def _duration_part(self, c: _Ctx, j: int, bare_ok: bool) -> tuple[str, float, int] | None:
         words, lems, n = c.words, c.lems, len(c.words)
         if fixed := phrase_at(self._dur_fixed, words, j):
@@ -677,6 +708,8 @@ class ValueParser:
         if half:
             amount, k = amount + 0.5, half[1]
         unit = _lex(self._units, lems[k]) if k < n else None
+        if unit is None and bare_ok and k < n:
+            unit = self._fuzzy_unit(words[k])  # "на 5 минтут", "in 10 minuts": a typo in the unit
         if unit is None:
             return None
         k += 1

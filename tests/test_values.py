@@ -122,6 +122,11 @@ def test_times(canon: Canonicalizer, text: str, masked: str, value: str) -> None
         ("через пару минут", "через {duration}", "PT2M"),
         ("for 2 hrs", "for {duration}", "PT2H"),
         ("in a couple of minutes", "in {duration}", "PT2M"),
+        # A misspelt unit after "на / через / for / in" and a number: one edit, transpositions once.
+        ("таймер на 5 минтут", "таймер на {duration}", "PT5M"),
+        ("на 10 сеукнд", "на {duration}", "PT10S"),
+        ("set a timer for 5 minuts", "set a timer for {duration}", "PT5M"),
+        ("in 10 mimutes", "in {duration}", "PT10M"),
     ],
 )
 def test_durations(canon: Canonicalizer, text: str, masked: str, value: str) -> None:
@@ -306,3 +311,15 @@ def test_without_masking_yaml_digits_still_work(tmp_path: Path) -> None:
     canon = Canonicalizer(load_catalog(make_catalog(tmp_path, masking=False)))
     result = canon.canonicalize("будильник на 7:30 громкость 50 пять минут")
     assert result.masked == "будильник на {time} громкость {number} пять минут"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "на 5 минуса",  # a real word, not a misspelt unit
+        "add 5 mints to the list",  # no duration preposition, and two edits away
+        "5 minuts",  # a misspelt unit needs "for / in / на / через" before the number
+    ],
+)
+def test_misspelt_units_need_context(canon: Canonicalizer, text: str) -> None:
+    assert "{duration}" not in canon.canonicalize(text).masked
