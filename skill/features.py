@@ -80,24 +80,37 @@ class Encoded(msgspec.Struct, frozen=True):
         return {"chars": self.chars, "words": self.words, "ngrams": self.ngrams}
 
 
-_DEVICE = re.compile(r"\{device\}")
+_NAMED = re.compile(r"\{(device|list)\}")
 
 
-def placeholder_token(placeholder: str, kind: str) -> str:
+def placeholder_token(placeholder: str, kind: str, ref: str | None = None) -> str:
     """How a placeholder reaches the model: ``{device}`` names its kind (``{device_cover}``), so
-    "закрой {device}" can tell a curtain from a lock; every other placeholder stays as it is."""
+    "закрой {device}" can tell a curtain from a lock, and ``{list}`` names its list (``{list_todo}``),
+    so "what's on my shopping list" stays apart from "what's on my to-do list"; every other
+    placeholder stays as it is."""
     if placeholder == "device" and kind.startswith("device."):
         return "{device_" + kind.split(".", 1)[1].replace(".", "_") + "}"
+    if placeholder == "list" and ref and ref.startswith("list:"):
+        return "{list_" + ref.split(":", 1)[1].replace(".", "_").replace("-", "_") + "}"
     return "{" + placeholder + "}"
 
 
 def model_text(canonical: Any) -> str:
-    """The ranker's input: ``canonical.masked`` with each ``{device}`` carrying its kind (train = serve)."""
+    """The ranker's input: ``canonical.masked`` with each ``{device}`` carrying its kind and each
+    ``{list}`` its list (train = serve)."""
     masked: str = canonical.masked
-    if "{device}" not in masked:
+    if "{device}" not in masked and "{list}" not in masked:
         return masked
-    kinds = iter(sorted((e for e in canonical.entities if e.placeholder == "device"), key=lambda e: e.start))
-    return _DEVICE.sub(lambda m: placeholder_token("device", getattr(next(kinds, None), "kind", "")), masked)
+    named = {
+        ph: iter(sorted((e for e in canonical.entities if e.placeholder == ph), key=lambda e: e.start))
+        for ph in ("device", "list")
+    }
+
+    def token(m: re.Match[str]) -> str:
+        e = next(named[m[1]], None)
+        return placeholder_token(m[1], getattr(e, "kind", ""), getattr(e, "ref", None))
+
+    return _NAMED.sub(token, masked)
 
 
 def tokenize(text: str, spec: FeatureSpec) -> list[str]:

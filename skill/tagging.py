@@ -67,7 +67,7 @@ def token_map(canonical: Canonical, pattern: re.Pattern[str], max_words: int) ->
         first = next((i for i, s in enumerate(starts) if s >= e.start), None)
         last = next((i for i in range(len(starts) - 1, -1, -1) if starts[i] < e.end), None)
         if first is not None and last is not None and last >= first:
-            ent_at[first] = (last + 1, placeholder_token(e.placeholder, e.kind))
+            ent_at[first] = (last + 1, placeholder_token(e.placeholder, e.kind, e.ref))
     tokens: list[str] = []
     ranges: list[tuple[int, int]] = []
     ph: list[bool] = []

@@ -138,3 +138,26 @@ def test_ambiguous_tagged_span_is_reported_as_an_ambiguity(catalog: Catalog) -> 
     assert span["text"] == "штуку" and len(span["candidates"]) > 1
     assert {"text": "штуку", "candidates": span["candidates"]} in res.decision.evidence["ambiguities"]
     assert res.decision.slots["device"] == "штуку" and res.decision.slots["room"] == "room:kitchen"
+
+
+@pytest.mark.parametrize(
+    ("text", "lang", "model"),
+    [
+        # The model sees which kind of device and which list a placeholder stands for (train = serve):
+        # "закрой {device}" is a curtain or a lock, "my {list}" is the shopping or the to-do list.
+        ("закрой шторы и входную дверь", "ru", "закрой {device_cover} и {device_lock}"),
+        ("add milk to my shopping list", "en", "add milk to my {list_shopping}"),
+        ("what is on my to do list", "en", "what is on my {list_todo}"),
+        ("добавь хлеб в список покупок", "ru", "добавь хлеб в {list_shopping}"),
+        ("turn on the lamp", "en", "turn on the lamp"),
+    ],
+)
+def test_model_text_names_device_kinds_and_lists(
+    canon: Canonicalizer, text: str, lang: str, model: str
+) -> None:
+    from skill.features import model_text
+
+    out = canon.canonicalize(text, lang)
+    assert model_text(out) == model
+    # Regex rules and evidence keep the plain placeholder.
+    assert "{device}" in out.masked or "{list}" in out.masked or out.masked == model
