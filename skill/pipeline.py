@@ -141,11 +141,8 @@ class Pipeline:
             if unresolved:
                 evidence["unresolved_entity_spans"] = unresolved
             # A tagged name several registry entities could be is an ambiguity in AdaOS's own shape too.
-            evidence["ambiguities"] = evidence.get("ambiguities", []) + [
-                {"text": e.text, "candidates": list(c)} for e, c in tagged if c
-            ]
-            if not evidence["ambiguities"]:
-                del evidence["ambiguities"]
+            if unclear := [{"text": e.text, "candidates": list(c)} for e, c in tagged if c]:
+                evidence["ambiguities"] = evidence.get("ambiguities", []) + unclear
         filled = msgspec.structs.replace(canonical, entities=canonical.entities + tuple(e for e, _ in tagged))
         check = fill_slots(intent, filled, final.slots)
         if check.invalid:

@@ -167,6 +167,18 @@ def probe(pipeline: Pipeline, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return report
 
 
+def _norm(text: str) -> str:
+    from skill.values import tokenize  # noqa: PLC0415
+
+    return " ".join(tokenize(text))
+
+
+def _catalog_texts(catalog: Catalog) -> list[str]:
+    """Every text the catalog trains or checks on: examples, negatives and out-of-scope, golden cases."""
+    texts = [e.text for e in catalog.examples()] + [e.text for e in catalog.negatives()]
+    return texts + [g.text for i in catalog.intents.values() for g in i.golden]
+
+
 def catalog_overlap(catalog: Catalog, rows: Sequence[dict[str, Any]], cutoff: float = 92.0) -> list[str]:
     """Probe rows equal to, or within rapidfuzz ratio ``cutoff`` of, a catalog text (normalized).
 
@@ -175,17 +187,11 @@ def catalog_overlap(catalog: Catalog, rows: Sequence[dict[str, Any]], cutoff: fl
     """
     from rapidfuzz import fuzz, process  # noqa: PLC0415
 
-    from skill.values import tokenize  # noqa: PLC0415
-
-    def norm(t: str) -> str:
-        return " ".join(tokenize(t))
-
-    texts = {norm(e.text) for e in catalog.examples()} | {norm(e.text) for e in catalog.negatives()}
-    texts |= {norm(g.text) for i in catalog.intents.values() for g in i.golden}
+    texts = {_norm(t) for t in _catalog_texts(catalog)}
     keys = sorted(texts)
     out = []
     for row in rows:
-        q = norm(row["text"])
+        q = _norm(row["text"])
         if q in texts or process.extractOne(q, keys, scorer=fuzz.ratio, score_cutoff=cutoff):
             out.append(row["text"])
     return out
@@ -196,16 +202,13 @@ def catalog_texts_near(catalog: Catalog, rows: Sequence[dict[str, Any]], cutoff:
     :func:`catalog_overlap`): what to delete or reword, named without showing the held-out rows."""
     from rapidfuzz import fuzz, process  # noqa: PLC0415
 
-    from skill.values import tokenize  # noqa: PLC0415
-
-    def norm(t: str) -> str:
-        return " ".join(tokenize(t))
-
-    probe = sorted({norm(r["text"]) for r in rows})
-    texts = [e.text for e in catalog.examples()] + [e.text for e in catalog.negatives()]
-    texts += [g.text for i in catalog.intents.values() for g in i.golden]
+    probe = sorted({_norm(r["text"]) for r in rows})
     return sorted(
-        {t for t in texts if process.extractOne(norm(t), probe, scorer=fuzz.ratio, score_cutoff=cutoff)}
+        {
+            t
+            for t in _catalog_texts(catalog)
+            if process.extractOne(_norm(t), probe, scorer=fuzz.ratio, score_cutoff=cutoff)
+        }
     )
 
 
