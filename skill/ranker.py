@@ -284,14 +284,15 @@ class Ranker:
         """Rank intents for ``canonical.masked``: ACCEPT (calibrated confidence) or REJECT on negatives."""
         probs, emb, tag_probs, unk = self._run(model_text(canonical))
         sims, labels, rows, neg_sim, neg_row = self._search(emb)
-        scores, feats, top, _, knn_top = score_one(
-            probs[0], sims[0], labels[0], neg_sim, self._log_prior, self.config.blend, unk
+        one = score_one(
+            probs[0], sims[0], labels[0], neg_sim, self._log_prior, self.config.blend, unk, ALTERNATIVES + 1
         )
+        scores, feats, top, knn_top = one.scores, one.features, one.top, one.knn_top
         w, b = self._calibration
         conf = 1.0 / (1.0 + math.exp(-min(40.0, max(-40.0, float(feats @ w) + b))))  # = calibrate(), one row
         alternatives = tuple(
             Candidate(self._names[i], round(c, 6))
-            for i, c in alternative_confidences(scores, top, conf, ALTERNATIVES)
+            for i, c in alternative_confidences(scores, top, conf, ALTERNATIVES, one.order)
         )
         matched = [
             self._pos[r].text

@@ -116,6 +116,17 @@ def calibrate(features: np.ndarray, cal: Calibration | tuple[np.ndarray, float])
     return 1.0 / (1.0 + np.exp(-np.clip(logit, -40.0, 40.0)))
 
 
+class One(msgspec.Struct, frozen=True):
+    """:func:`score_one`'s result for one query."""
+
+    scores: np.ndarray  # [C] blended scores
+    features: np.ndarray  # [F] in CALIBRATION_FEATURES order
+    top: int
+    second: int
+    knn_top: float
+    order: list[int]  # the best ``head`` intents by score, best first (ties: the lower index first)
+
+
 def score_one(  # noqa: PLR0917 - a pure function over parallel arrays
     probs: np.ndarray,
     sims: np.ndarray,
@@ -124,50 +135,62 @@ def score_one(  # noqa: PLR0917 - a pure function over parallel arrays
     log_prior: np.ndarray,
     blend: Blend,
     unk: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray, int, int, float]:
-    """:func:`score_batch` for one query, cheaper: (scores, features, top, second, knn of top)."""
-    log_p = np.log(np.maximum(probs, 1e-9))
+    head: int = 6,
+) -> One:
+    """:func:`score_batch` for one query, cheaper, plus the order of the best ``head`` intents.
+
+    The serving path: a few numpy calls over the classes, the rest on Python floats (the kNN part
+    is ``k`` neighbours, the ranking one stable sort), so nothing is computed twice for the
+    alternatives.
+    """
     k = len(sims)
-    floor = float(sims[-1]) if k else 0.0
+    sims_l = sims.tolist()
+    floor = sims_l[-1] if k else 0.0
     best: dict[int, float] = {}
-    for sim, label in zip(sims.tolist(), labels.tolist(), strict=True):
+    for sim, label in zip(sims_l, labels.tolist(), strict=True):
         if label >= 0 and sim > best.get(label, floor):
             best[label] = sim
+    log_p = np.log(np.maximum(probs, 1e-9))
     knn = np.full(len(probs), floor, dtype=np.float32)
     if best:
         knn[list(best)] = list(best.values())
     scores = blend.w_softmax * log_p + blend.w_knn * knn
     if blend.w_prior:
         scores += blend.w_prior * log_prior
-    if len(scores) > 2:
-        two = np.argpartition(-scores, 1)[:2]
-        top, second = (
-            (int(two[0]), int(two[1])) if scores[two[0]] >= scores[two[1]] else (int(two[1]), int(two[0]))
-        )
-        if scores[top] == scores[second]:  # same tie-break as argsort: the lower index first
-            top, second = sorted((top, second))
-    else:
-        order = np.argsort(-scores)
-        top, second = int(order[0]), int(order[-1])
-    pos_sim = float(sims[0]) if k else 0.0
+    order = np.argsort(-scores, kind="stable")[: max(2, head)].tolist()
+    top = order[0]
+    second = order[1] if len(order) > 1 else order[0]
+    pos_sim = sims_l[0] if k else 0.0
     neg_gap = neg_sim - pos_sim if neg_sim is not None else NO_NEGATIVE
     s_top = float(scores[top])
-    feats = np.array(
-        [s_top, s_top - float(scores[second]), float(log_p[top]), float(knn[top]), pos_sim, neg_gap, unk]
-    )
-    return scores, feats, top, second, float(knn[top])
+    knn_top = float(knn[top])
+    feats = np.array([s_top, s_top - float(scores[second]), float(log_p[top]), knn_top, pos_sim, neg_gap, unk])
+    return One(scores, feats, top, second, knn_top, order)
 
 
-def alternative_confidences(scores: np.ndarray, top: int, conf: float, n: int) -> list[tuple[int, float]]:
-    """The next ``n`` intents: ``conf`` times their softmax ratio to the top, capped by a share of 1-conf."""
-    q = np.exp(scores - scores.max())
-    rest = q.sum() - q[top]
-    head = np.argpartition(-scores, n)[: n + 1] if len(scores) > n + 1 else np.arange(len(scores))
-    head = head[np.argsort(-scores[head], kind="stable")]
-    order = [int(i) for i in head if i != top][:n]
-    if rest <= 0.0 or q[top] <= 0.0:
-        return [(i, 0.0) for i in order]
-    return [(i, float(min(conf * q[i] / q[top], (1.0 - conf) * q[i] / rest))) for i in order]
+def alternative_confidences(
+    scores: np.ndarray, top: int, conf: float, n: int, order: list[int] | None = None
+) -> list[tuple[int, float]]:
+    """The next ``n`` intents: ``conf`` times their softmax ratio to the top, capped by a share of 1-conf.
+
+    ``order``: the intents already ranked by score, best first (:attr:`One.order`), at least ``n + 1``
+    of them or all.
+    """
+    if order is None or (len(order) < n + 1 and len(order) < len(scores)):
+        head = np.argpartition(-scores, n)[: n + 1] if len(scores) > n + 1 else np.arange(len(scores))
+        order = head[np.argsort(-scores[head], kind="stable")].tolist()
+    alts = [i for i in order if i != top][:n]
+    s_top = float(scores[top])
+    shift = max(s_top, float(scores[order[0]]))  # the best score (top is it when served)
+    q_top = math.exp(s_top - shift)
+    rest = float(np.exp(scores - shift).sum()) - q_top
+    if rest <= 0.0 or q_top <= 0.0:
+        return [(i, 0.0) for i in alts]
+    out = []
+    for i in alts:
+        q = math.exp(float(scores[i]) - shift)
+        out.append((i, float(min(conf * q / q_top, (1.0 - conf) * q / rest))))
+    return out
 
 
 def log_priors(priors: list[float]) -> np.ndarray:

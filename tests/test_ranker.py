@@ -210,8 +210,12 @@ def test_score_one_matches_score_batch() -> None:
             blend = Blend(w_knn=4.0, w_prior=0.5, k=6)
             unk = float(rng.random())
             sc = score_batch(probs, sims, labels, np.array([0.2]), prior, blend, np.array([unk]))
-            scores, feats, top, second, knn_top = score_one(
-                probs[0], sims[0], labels[0], 0.2, prior, blend, unk
+            one = score_one(probs[0], sims[0], labels[0], 0.2, prior, blend, unk)
+            scores, feats, top, second, knn_top = one.scores, one.features, one.top, one.second, one.knn_top
+            assert one.order == np.argsort(-sc.scores[0], kind="stable")[: len(one.order)].tolist()
+            # The alternatives from the precomputed order are those computed from the scores alone.
+            assert alternative_confidences(scores, top, 0.7, 4, one.order) == pytest.approx(
+                alternative_confidences(scores, top, 0.7, 4)
             )
             assert (top, second) == (int(sc.top[0]), int(sc.second[0]))
             assert feats == pytest.approx(sc.features[0], abs=1e-5)
