@@ -68,6 +68,9 @@ class SlotSpec(_Strict, frozen=True, forbid_unknown_fields=True):
     range: SlotRange | None = None
     # What the words "max" / "min" ("на максимум", "lowest") mean for this slot.
     extremes: dict[Literal["max", "min"], str] = msgspec.field(default_factory=dict)
+    # Several values in the order they were said, as a list ("15 percent of 200" -> number: ["15", "200"]);
+    # a single-valued slot keeps the first.
+    multiple: bool = False
 
 
 class RegexRule(_Strict, frozen=True, forbid_unknown_fields=True):
@@ -88,7 +91,7 @@ class GoldenCase(_Strict, frozen=True, forbid_unknown_fields=True):
 
     text: str
     locale: Literal["ru", "en"] | None = None
-    slots: dict[str, str] = msgspec.field(default_factory=dict)
+    slots: dict[str, str | list[str]] = msgspec.field(default_factory=dict)
 
 
 class Thresholds(_Strict, frozen=True, forbid_unknown_fields=True):

@@ -164,7 +164,9 @@ def score_one(  # noqa: PLR0917 - a pure function over parallel arrays
     neg_gap = neg_sim - pos_sim if neg_sim is not None else NO_NEGATIVE
     s_top = float(scores[top])
     knn_top = float(knn[top])
-    feats = np.array([s_top, s_top - float(scores[second]), float(log_p[top]), knn_top, pos_sim, neg_gap, unk])
+    feats = np.array(
+        [s_top, s_top - float(scores[second]), float(log_p[top]), knn_top, pos_sim, neg_gap, unk]
+    )
     return One(scores, feats, top, second, knn_top, order)
 
 

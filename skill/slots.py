@@ -105,47 +105,70 @@ def _extreme(spec: SlotSpec, value: str) -> str | None:
     return str(int(bound)) if bound == int(bound) else str(bound)
 
 
+def _entity_value(spec: SlotSpec, ent: EntityMatch) -> str:
+    if spec.value == "ref":
+        return ent.ref or ent.value
+    if spec.value == "id":
+        return (ent.ref or ent.value).rsplit(":", 1)[-1]
+    if spec.value == "text":
+        return ent.text
+    return ent.value
+
+
+def _checked(  # noqa: PLR0917 - one helper of fill_slots, called positionally in three places
+    name: str, spec: SlotSpec, ent: EntityMatch | None, value: Any, locale: str, invalid: list[dict[str, Any]]
+) -> tuple[bool, Any]:
+    """(keep, value): extremes mapped to the slot's meaning, out-of-range values recorded in ``invalid``."""
+    if isinstance(value, str) and value in _EXTREMES and spec.value == "value":
+        mapped = _extreme(spec, value)
+        if mapped is None:
+            invalid.append({"slot": name, "value": value, "why": "no meaning for an extreme"})
+            return False, value
+        value = mapped
+    if isinstance(value, str) and spec.value == "value":
+        ok, why = _in_range(spec, ent, value, locale)
+        if not ok:
+            invalid.append({"slot": name, "value": value, "why": why})
+    return True, value
+
+
 def fill_slots(intent: Intent | None, canonical: Canonical, extra: dict[str, Any]) -> SlotCheck:
-    """The intent's declared slots from canonicalized entities and the stage's own slots, checked."""
+    """The intent's declared slots from canonicalized entities and the stage's own slots, checked.
+
+    A ``multiple`` slot gets the list of every value its source found, in the order said.
+    """
     if intent is None:
         return SlotCheck({})
     slots: dict[str, Any] = {}
     invalid: list[dict[str, Any]] = []
     for name, spec in intent.slots.items():
-        ent: EntityMatch | None = None
         if name in extra:
-            value: Any = extra[name]
-        else:
-            source = spec.source or name
-            ent = next(
-                (
-                    e
-                    for e in canonical.entities
-                    if e.placeholder == source and (not spec.kinds or not e.ref or _kind_ok(spec, e.kind))
-                ),
-                None,
-            )
-            if ent is None:
+            given = extra[name]
+            if spec.multiple:
+                checked = [
+                    _checked(name, spec, None, v, canonical.locale, invalid)
+                    for v in (given if isinstance(given, list) else [given])
+                ]
+                if any(keep for keep, _ in checked):
+                    slots[name] = [v for keep, v in checked if keep]
                 continue
-            if spec.value == "ref":
-                value = ent.ref or ent.value
-            elif spec.value == "id":
-                value = (ent.ref or ent.value).rsplit(":", 1)[-1]
-            elif spec.value == "text":
-                value = ent.text
-            else:
-                value = ent.value
-        if isinstance(value, str) and value in _EXTREMES and spec.value == "value":
-            mapped = _extreme(spec, value)
-            if mapped is None:
-                invalid.append({"slot": name, "value": value, "why": "no meaning for an extreme"})
-                continue
-            value = mapped
-        if isinstance(value, str) and spec.value == "value":
-            ok, why = _in_range(spec, ent, value, canonical.locale)
-            if not ok:
-                invalid.append({"slot": name, "value": value, "why": why})
-        slots[name] = value
+            keep, value = _checked(name, spec, None, given, canonical.locale, invalid)
+            if keep:
+                slots[name] = value
+            continue
+        source = spec.source or name
+        found = [
+            e
+            for e in canonical.entities
+            if e.placeholder == source and (not spec.kinds or not e.ref or _kind_ok(spec, e.kind))
+        ]
+        values = []
+        for ent in found if spec.multiple else found[:1]:
+            keep, value = _checked(name, spec, ent, _entity_value(spec, ent), canonical.locale, invalid)
+            if keep:
+                values.append(value)
+        if values:
+            slots[name] = values if spec.multiple else values[0]
     missing = tuple(n for n, s in intent.slots.items() if s.required and n not in slots)
     return SlotCheck(slots, missing, tuple(invalid))
 

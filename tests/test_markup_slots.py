@@ -212,6 +212,37 @@ def test_range_and_extremes(repo_catalog: Any, canon: Canonicalizer) -> None:
     assert [i["slot"] for i in hot.invalid] == ["temperature"]
 
 
+def test_multiple_slot_keeps_every_value_in_order(repo_catalog: Any, canon: Canonicalizer) -> None:
+    calc = repo_catalog.intents["calculator.compute"]
+    assert calc.slots["number"].multiple
+    check = fill_slots(calc, canon.canonicalize("сколько будет 15 процентов от 200", "ru"), {})
+    assert check.slots["number"] == ["15", "200"]
+    check = fill_slots(calc, canon.canonicalize("add 4, 8 and fifteen", "en"), {})
+    assert check.slots["number"] == ["4", "8", "15"]
+    assert fill_slots(calc, canon.canonicalize("square root of 400", "en"), {}).slots["number"] == ["400"]
+    # A stage's own single value becomes a one-element list; a single-valued slot keeps the first value.
+    assert fill_slots(calc, canon.canonicalize("square root", "en"), {"number": "9"}).slots["number"] == ["9"]
+    bright = repo_catalog.intents["light.set_brightness"]
+    one = fill_slots(bright, canon.canonicalize("set the kitchen light to 30 or 40 percent", "en"), {})
+    assert not bright.slots["level"].multiple and isinstance(one.slots.get("level"), str)
+
+
+def test_multiple_slot_scores_one_span_per_value() -> None:
+    from tools.slot_metrics import SlotScores, predicted_spans  # noqa: PLC0415
+
+    ents = [
+        {"placeholder": "number", "text": "fifteen", "value": "15"},
+        {"placeholder": "number", "text": "200", "value": "200"},
+    ]
+    pred = predicted_spans({"number": ["15", "200"]}, {"entities": ents}, {"number": "number"})
+    assert [(p["text"], p["value"]) for p in pred] == [("fifteen", "15"), ("200", "200")]
+    scores = SlotScores()
+    scores.add(
+        pred, [{"slot": "number", "text": "fifteen", "value": None}, {"slot": "number", "text": "200"}]
+    )
+    assert scores.report()["slot_f1"] == 1.0
+
+
 def test_missing_required_slot(repo_catalog: Any, canon: Canonicalizer) -> None:
     check = fill_slots(repo_catalog.intents["device.turn_on"], canon.canonicalize("turn it on", "en"), {})
     assert check.missing == ("device",)
@@ -273,3 +304,17 @@ def test_bridge_event_carries_missing_slots() -> None:
     assert events.detected(req, reply, verdict)["missing_slots"] == ["device"]
     full = ServiceReply(top_intent="device.turn_on", confidence=0.9, raw={**raw, "missing_slots": []})
     assert "missing_slots" not in events.detected(req, full, verdict)
+
+
+def test_eval_gold_counts_unmarked_registry_names(repo_catalog: Any, canon: Canonicalizer) -> None:
+    from tools.eval import unmarked_entity_spans  # noqa: PLC0415
+
+    c = canon.canonicalize("перейди на сценарий вечер", "ru")
+    gold = unmarked_entity_spans(repo_catalog, "desktop.switch_scenario", c, [])
+    assert [(g["slot"], g["text"]) for g in gold] == [("scenario_id", "вечер")]
+    # A slot the row marks, or text inside a marked span, is the markup's, not canonicalization's.
+    marked = [{"slot": "scenario_id", "text": "сценарий вечер"}]
+    assert unmarked_entity_spans(repo_catalog, "desktop.switch_scenario", c, marked) == []
+    calc = canon.canonicalize("what is 15 percent of 200", "en")
+    nums = unmarked_entity_spans(repo_catalog, "calculator.compute", calc, [])
+    assert [g["text"] for g in nums] == ["15", "200"]  # a multiple slot: every value

@@ -21,7 +21,7 @@ from skill.pipeline import Pipeline
 from skill.ranker import Ranker
 from skill.regex_stage import RegexStage
 from tools import metrics
-from tools.slot_metrics import SlotScores, gold_spans, predicted_spans
+from tools.slot_metrics import SlotScores, gold_spans, norm_text, predicted_spans
 
 
 class GoldenFailure(msgspec.Struct, frozen=True):
@@ -29,7 +29,7 @@ class GoldenFailure(msgspec.Struct, frozen=True):
 
     text: str
     expected_intent: str
-    expected_slots: dict[str, str]
+    expected_slots: dict[str, str | list[str]]
     got_intent: str | None
     got_slots: dict[str, Any]
     decision: str
@@ -76,17 +76,47 @@ def golden_failures(pipeline: Pipeline, catalog: Catalog) -> tuple[int, list[Gol
     return total, failures
 
 
+def unmarked_entity_spans(
+    catalog: Catalog, intent_name: str, canonical: Any, marked: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Gold spans for what the example did not mark but canonicalization found: registry names and
+    parsed values of a slot the row's intent declares (the catalog's older examples mark only open
+    spans, and registry names "are spans too"). Skipped where the row marks that slot or the text
+    overlaps a marked span; a ``multiple`` slot takes every value, any other slot the first."""
+    intent = catalog.intents.get(intent_name)
+    if intent is None or canonical is None:
+        return []
+    marked_slots = {g["slot"] for g in marked}
+    marked_text = [norm_text(g["text"]) for g in marked]
+    out: list[dict[str, Any]] = []
+    for name, spec in intent.slots.items():
+        if name in marked_slots:
+            continue
+        for ent in canonical.entities:
+            if ent.placeholder != (spec.source or name):
+                continue
+            text = norm_text(ent.text)
+            if any(text in m or m in text for m in marked_text if m):
+                continue
+            out.append({"slot": name, "text": ent.text, "value": None})
+            if not spec.multiple:
+                break
+    return out
+
+
 def evaluate(pipeline: Pipeline, catalog: Catalog, rows: Sequence[Any]) -> EvalReport:
     """Accuracy, calibration error and per-intent recall on ``rows`` (``text, intent, locale``)."""
     golds, preds, confs, correct = [], [], [], []
     spans = SlotScores()
     for row in rows:
-        d = pipeline.parse(row.text, row.locale or None).decision
+        res = pipeline.parse(row.text, row.locale or None)
+        d = res.decision
         if row.intent != metrics.OOS and getattr(row, "spans", None) is not None:
             intent = catalog.intents.get(d.intent or "")
             sources = {n: (s.source or n) for n, s in intent.slots.items()} if intent else {}
-            gold = [{"start": a, "end": b, "slot": n} for a, b, n in row.spans]
-            spans.add(predicted_spans(d.slots, d.evidence, sources), gold_spans(row.text, gold))
+            gold = gold_spans(row.text, [{"start": a, "end": b, "slot": n} for a, b, n in row.spans])
+            gold += unmarked_entity_spans(catalog, row.intent, res.canonical, gold)
+            spans.add(predicted_spans(d.slots, d.evidence, sources), gold)
         golds.append(row.intent)
         preds.append(d.intent)
         confs.append(d.confidence if d.intent else 0.0)

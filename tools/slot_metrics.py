@@ -45,27 +45,31 @@ def norm_value(value: Any) -> str:
 def predicted_spans(
     slots: Mapping[str, Any], evidence: Mapping[str, Any], spec_sources: Mapping[str, str]
 ) -> list[dict[str, Any]]:
-    """Each filled slot with the surface text of what filled it (from ``evidence.entities``)."""
+    """Each filled slot with the surface text of what filled it (from ``evidence.entities``).
+
+    A slot holding a list (a ``multiple`` slot) is one predicted span per value.
+    """
     entities = evidence.get("entities") or []
     out = []
     used: set[int] = set()
-    for name, value in slots.items():
+    for name, filled in slots.items():
         source = spec_sources.get(name, name)
-        surface = None
-        for i, ent in enumerate(entities):
-            if i in used or not isinstance(ent, Mapping):
-                continue
-            ref = ent.get("ref") or ""
-            same = value in (ref, ent.get("value"), ent.get("text")) or (
-                ref and ref.rsplit(":", 1)[-1] == value
-            )
-            if ent.get("placeholder") == source and same:
-                surface = ent.get("text")
-                used.add(i)
-                break
-        if surface is None and isinstance(value, str):
-            surface = value  # a slot from a stage's own output (regex group, tagger text)
-        out.append({"slot": name, "text": surface or "", "value": value})
+        for value in filled if isinstance(filled, list) else [filled]:
+            surface = None
+            for i, ent in enumerate(entities):
+                if i in used or not isinstance(ent, Mapping):
+                    continue
+                ref = ent.get("ref") or ""
+                same = value in (ref, ent.get("value"), ent.get("text")) or (
+                    ref and ref.rsplit(":", 1)[-1] == value
+                )
+                if ent.get("placeholder") == source and same:
+                    surface = ent.get("text")
+                    used.add(i)
+                    break
+            if surface is None and isinstance(value, str):
+                surface = value  # a slot from a stage's own output (regex group, tagger text)
+            out.append({"slot": name, "text": surface or "", "value": value})
     return out
 
 
