@@ -17,7 +17,7 @@ from skill.features import FeatureSpec
 from skill.tagging import bio_labels, tag_names, token_map
 from tests.conftest import REPO
 from tools import train as trainer
-from tools._augment import augment_tagged
+from tools._augment import augment_tagged, span_pool, swap_spans, tag_spans
 from tools._data import rows_from_catalog
 
 PATTERN = re.compile(FeatureSpec().token_pattern)
@@ -74,6 +74,30 @@ def test_augmentation_keeps_labels_aligned() -> None:
         assert len(w) == len(t)
         for prev, cur in zip([0, *t], t, strict=False):
             assert not (cur % 2 == 0 and cur > 0 and prev not in (cur, cur - 1)), (w, t)
+
+
+def test_span_swap_replaces_names_within_slot_and_intent() -> None:
+    rows = [
+        (0, ["play", "bohemian", "rhapsody", "by", "queen"], [0, 1, 2, 0, 3]),
+        (0, ["play", "yesterday", "by", "the", "beatles"], [0, 1, 0, 3, 4]),
+        (0, ["play", "{number}", "luftballons"], [0, 1, 2]),  # a placeholder span is never pooled
+        (1, ["add", "oat", "milk"], [0, 5, 6]),
+    ]
+    assert tag_spans([0, 1, 2, 0, 3, 4]) == [(1, 3, 1), (4, 6, 3)]
+    pool = span_pool(rows)
+    assert pool[(0, 1)] == [("bohemian", "rhapsody"), ("yesterday",)]
+    assert (1, 5) not in pool  # one item only: nothing to swap with
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(50):
+        w, t = swap_spans(rows[0][1], rows[0][2], 0, pool, rng, 1.0)
+        assert len(w) == len(t) and w[0] == "play" and t[0] == 0
+        spans = tag_spans(t)
+        assert [s[2] for s in spans] == [1, 3]  # the same slots in the same order, BIO kept
+        seen.add(" ".join(w))
+    assert "play yesterday by the beatles" in seen and "play bohemian rhapsody by queen" in seen
+    assert swap_spans(rows[3][1], rows[3][2], 1, pool, rng, 1.0) == (rows[3][1], rows[3][2])
+    assert swap_spans(rows[2][1], rows[2][2], 0, pool, rng, 1.0) == (rows[2][1], rows[2][2])
 
 
 TAG_INTENTS: dict[str, Any] = {

@@ -91,3 +91,60 @@ def augment_tagged(
             words.insert(i, words[i])
             tags.insert(i + 1, tags[i] + 1 if tags[i] % 2 == 1 else tags[i])
     return words, tags
+
+
+def tag_spans(tags: list[int]) -> list[tuple[int, int, int]]:
+    """(start, end, B label id) of each span in a BIO label row (0 = O, odd = B-x, the next even = I-x)."""
+    out: list[tuple[int, int, int]] = []
+    for j, t in enumerate(tags):
+        if t % 2 == 1:
+            out.append((j, j + 1, t))
+        elif t and out and out[-1][1] == j and out[-1][2] + 1 == t:
+            out[-1] = (out[-1][0], j + 1, out[-1][2])
+    return out
+
+
+SpanPool = dict[tuple[int, int], list[tuple[str, ...]]]  # (intent label, B label id) -> span word tuples
+
+
+def span_pool(rows: list[tuple[int, list[str], list[int]]]) -> SpanPool:
+    """Every span's words per (intent, slot) over ``(label, words, tags)`` rows; placeholders stay out."""
+    pool: dict[tuple[int, int], set[tuple[str, ...]]] = {}
+    for label, words, tags in rows:
+        for a, b, t in tag_spans(tags):
+            span = tuple(words[a:b])
+            if not any(w.startswith("{") for w in span):
+                pool.setdefault((label, t), set()).add(span)
+    return {k: sorted(v) for k, v in pool.items() if len(v) > 1}
+
+
+def swap_spans(  # noqa: PLR0917 - one row's parallel lists and the run's pool
+    words: list[str], tags: list[int], label: int, pool: SpanPool, rng: random.Random, rate: float
+) -> tuple[list[str], list[int]]:
+    """Replace each span, with probability ``rate``, by another span of the same slot of the same intent.
+
+    "add [oat milk](item) to my list" becomes "add [dish soap](item) to my list": the tagger learns the
+    carrier, not the few names the catalog happened to write, and the intent head sees names vary.
+    """
+    if rate <= 0.0 or not pool:
+        return words, tags
+    spans = tag_spans(tags)
+    if not spans:
+        return words, tags
+    out_w, out_t, last = [], [], 0
+    for a, b, t in spans:
+        out_w += words[last:a]
+        out_t += tags[last:a]
+        choices = pool.get((label, t))
+        span = tuple(words[a:b])
+        if choices and rng.random() < rate and not any(w.startswith("{") for w in span):
+            new = choices[rng.randrange(len(choices))]
+            out_w += list(new)
+            out_t += [t] + [t + 1] * (len(new) - 1)
+        else:
+            out_w += words[a:b]
+            out_t += tags[a:b]
+        last = b
+    out_w += words[last:]
+    out_t += tags[last:]
+    return out_w, out_t

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from skill.features import UNK, Featurizer
 
-from ._augment import augment, augment_tagged
+from ._augment import augment, augment_tagged, span_pool, swap_spans
 from ._model import Net, NetConfig, supcon_loss
 
 _LOGGER = logging.getLogger(__name__)
@@ -38,6 +38,10 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     supcon_tau: float = 0.1
     oe_weight: float = 0.5  # outlier exposure: push oos rows towards a uniform softmax
     augment_rate: float = 0.3
+    # Per span and epoch, the chance a tagged span is replaced by another span of the same slot and
+    # intent from training (entity substitution). Measured at 0.5 on the embedded model (session 5):
+    # tagger val F1 0.711 either way, accuracy 93.6 -> 93.2 %, OOS AUROC 0.942 -> 0.933; off.
+    span_swap_rate: float = 0.0
     ngram_dropout: float = 0.0  # drop n-gram ids (measured: no gain on CLINC150, see docs/RANKER.md)
     word_dropout: float = 0.0  # replace word ids by "unknown" (measured: no gain)
     label_smoothing: float = 0.1
@@ -151,17 +155,29 @@ def fit_net(
     params = list(net.parameters())
     shadow: list[torch.Tensor] | None = None
     step_no = 0
+    tagged_ok = [
+        tg is not None and len(tg) == feat.n_tokens(t) and len(t.split()) == len(tg)
+        for t, tg in zip(texts, row_tags, strict=True)
+    ]
+    pool = span_pool(
+        [
+            (int(y), t.split(), tg)
+            for t, tg, y, ok in zip(texts, row_tags, labels, tagged_ok, strict=True)
+            if ok and tg
+        ]
+    )
     bar = tqdm(total=cfg.epochs, desc="train", unit="epoch", disable=not progress)
     for epoch in range(cfg.epochs):
         net.train()
         noisy: list[str] = []
         noisy_tags: list[list[int] | None] = []
-        for t, tg in zip(texts, row_tags, strict=True):
-            if tg is None or len(tg) != feat.n_tokens(t) or len(t.split()) != len(tg):
+        for t, tg, y, ok in zip(texts, row_tags, labels, tagged_ok, strict=True):
+            if not ok or tg is None:
                 noisy.append(augment(t, rng, cfg.augment_rate))
                 noisy_tags.append(None)
             else:
-                words_t, tg2 = augment_tagged(t.split(), tg, rng, cfg.augment_rate)
+                words_t, tg2 = swap_spans(t.split(), tg, int(y), pool, rng, cfg.span_swap_rate)
+                words_t, tg2 = augment_tagged(words_t, tg2, rng, cfg.augment_rate)
                 noisy.append(" ".join(words_t))
                 noisy_tags.append(tg2)
         loss_sum, n_seen = 0.0, 0
