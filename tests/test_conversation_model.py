@@ -121,3 +121,13 @@ async def test_room_follow_up_on_the_default_model(http: Any) -> None:
     assert body["slots"]["device"].startswith("device:light:") and body["slots"] != first["slots"]
     alone = await http("а в спальне?")  # no scope: not a request on its own words
     assert alone["decision"] != "accept" and alone["context"]["action"] == "noop"
+
+
+@pytest.mark.parametrize(
+    ("text", "numbers"),
+    [("сколько будет 15 процентов от 200", ["15", "200"]), ("what is 250 divided by 5", ["250", "5"])],
+)
+async def test_calculator_answers_every_operand_over_http(http: Any, text: str, numbers: list[str]) -> None:
+    body = await http(text)
+    assert body["top_intent"] == "calculator.compute"
+    assert body["slots"]["number"] == numbers and body["result"]["slots"]["number"] == numbers

@@ -15,7 +15,7 @@ from tests.conftest import REPO
 from tests.test_train import write_tiny_catalog
 from tools import train as trainer
 from tools._data import rows_from_catalog
-from tools._loop import TrainConfig
+from tools._loop import TrainConfig, teacher_soft_labels
 from tools._teacher import HashTeacher, embed_cached, linear_cka, load_teacher, targets
 
 
@@ -40,6 +40,20 @@ def test_targets_are_centred_and_unit() -> None:
     t = targets(raw / np.linalg.norm(raw, axis=1, keepdims=True))
     assert np.allclose(np.linalg.norm(t, axis=1), 1.0)
     assert abs(float((t @ t.T)[np.triu_indices(50, 1)].mean())) < 0.1
+
+
+def test_teacher_soft_labels_follow_teacher_neighbours() -> None:
+    # Rows 0-2 sit together in the teacher's space, 3-4 elsewhere; row 2 is labelled 1 but lies with 0s.
+    t = np.array([[1, 0], [0.99, 0.14], [0.98, 0.2], [0, 1], [0.1, 0.99], [0.7, 0.7]], dtype=np.float32)
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    labels = [0, 0, 1, 1, 1, -1]
+    q = teacher_soft_labels(t, labels, 2, k=2, tau=0.05)
+    assert q[5].sum() == 0  # out-of-scope rows get no target
+    assert np.allclose(q[:5].sum(axis=1), 1.0)
+    assert q[2, 0] > 0.99  # its teacher neighbours are intent 0: the soft label says so
+    assert q[3, 1] > 0.99 and q[0, 0] > 0.4  # itself never counts
+    # Chunking changes nothing.
+    assert np.allclose(q, teacher_soft_labels(t, labels, 2, k=2, tau=0.05, chunk=2))
 
 
 def test_linear_cka() -> None:

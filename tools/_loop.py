@@ -59,6 +59,38 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     word_vectors: int = 8000
     word_vector_weight: float = 0.1
     word_vector_batch: int = 512
+    # Teacher soft labels: a cross-entropy towards the intent mix of each row's k nearest training rows
+    # in the teacher's space (in-scope rows, itself left out); 0: off. Only with teacher targets.
+    soft_label_weight: float = 0.0
+    soft_label_k: int = 10
+    soft_label_tau: float = 0.05
+
+
+def teacher_soft_labels(  # noqa: PLR0917 - arrays of one training run and its two settings
+    teacher: np.ndarray, labels: Sequence[int], n_classes: int, k: int, tau: float, chunk: int = 1024
+) -> np.ndarray:
+    """[rows, classes]: for each in-scope row, the intents of its ``k`` nearest in-scope training rows in
+    the teacher's space (itself excluded), weighted by softmax(similarity / ``tau``); zeros for
+    out-of-scope rows. A row whose teacher neighbours are all its own intent gets its one-hot label."""
+    y = np.asarray(labels)
+    inside = np.nonzero(y >= 0)[0]
+    out = np.zeros((len(y), n_classes), dtype=np.float32)
+    if len(inside) < 2:
+        return out
+    t = np.ascontiguousarray(teacher[inside], dtype=np.float32)
+    kk = min(k, len(inside) - 1)
+    for start in range(0, len(inside), chunk):
+        sims = t[start : start + chunk] @ t.T
+        rows = np.arange(sims.shape[0])
+        sims[rows, start + rows] = -np.inf  # not itself
+        nn = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+        s = sims[rows[:, None], nn] / tau
+        w = np.exp(s - s.max(axis=1, keepdims=True))
+        w /= w.sum(axis=1, keepdims=True)
+        block = np.zeros((len(rows), n_classes), dtype=np.float32)
+        np.add.at(block, (np.repeat(rows, kk), y[inside][nn].reshape(-1)), w.reshape(-1))
+        out[inside[start : start + chunk]] = block
+    return out
 
 
 def _batches(
@@ -126,6 +158,11 @@ def fit_net(
         distill_head = torch.nn.Linear(net.cfg.proj_dim, teacher.shape[1])
         dense += list(distill_head.parameters())
         t_all = torch.from_numpy(np.ascontiguousarray(teacher, dtype=np.float32))
+    q_all: torch.Tensor | None = None
+    if teacher is not None and cfg.soft_label_weight > 0:
+        q_all = torch.from_numpy(
+            teacher_soft_labels(teacher, labels, n_classes, cfg.soft_label_k, cfg.soft_label_tau)
+        )
     word_head: torch.nn.Linear | None = None
     w_all: torch.Tensor | None = None
     w_ids: torch.Tensor | None = None
@@ -220,6 +257,12 @@ def fit_net(
                 loss = loss + cfg.branch_weight * (
                     F.cross_entropy(le[inside], yi) + F.cross_entropy(lb[inside], yi)
                 )
+                if q_all is not None:
+                    q = q_all[batch][inside]
+                    loss = (
+                        loss
+                        - cfg.soft_label_weight * (q * F.log_softmax(logits[inside], dim=1)).sum(1).mean()
+                    )
             if bool((~inside).any()) and cfg.oe_weight > 0:
                 loss = loss - cfg.oe_weight * F.log_softmax(logits[~inside], dim=1).mean()
             if len(batch) > 1:
