@@ -30,6 +30,7 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Optimisation settings (stored with the model)."""
 
     epochs: int = 40
+    hidden: int = 96  # BiLSTM units per direction (NetConfig.hidden)
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -147,7 +148,9 @@ def fit_net(
     gen = torch.Generator().manual_seed(seed)
     vocab = feat.vocab
     n_tags = n_tags if tags is not None and any(t is not None for t in tags) else 0
-    net = Net(NetConfig(vocab.n_chars, vocab.n_words, vocab.n_ngrams, n_classes, n_tags=n_tags))
+    net = Net(
+        NetConfig(vocab.n_chars, vocab.n_words, vocab.n_ngrams, n_classes, hidden=cfg.hidden, n_tags=n_tags)
+    )
     row_tags: list[list[int] | None] = list(tags) if n_tags and tags is not None else [None] * len(texts)
     sparse_ids = {id(p) for p in net.sparse_parameters()}
     dense = [p for p in net.parameters() if id(p) not in sparse_ids]
