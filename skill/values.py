@@ -28,6 +28,7 @@ _LOGGER = logging.getLogger(__name__)
 
 Lemmas = tuple[str, ...]  # surface form, most likely lemma, then other lemmas
 _V = TypeVar("_V")
+DurationUnit = Literal["S", "M", "H", "D", "W"]  # ISO 8601 duration designators
 
 
 class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -109,7 +110,7 @@ class DateWords(_Strict, frozen=True):
 class DurationWords(_Strict, frozen=True):
     """Duration vocabulary; units map to ISO 8601 designators."""
 
-    units: dict[str, Literal["S", "M", "H", "D", "W"]] = _d()
+    units: dict[str, DurationUnit] = _d()
     fixed: dict[str, str] = _d()
     bare_after: list[str] = _l()
     connectors: list[str] = _l()
@@ -320,7 +321,7 @@ class ValueParser:
         self._ord_suffix, self._of = _words(d.ordinal_suffixes), _words(d.of)
         self._units, self._dur_fixed = _table(u.units), _phrases(u.fixed)
         # Unit words long enough to recognise misspelt (and their Russian stems: «минут», «секунд»).
-        self._unit_forms: dict[str, str] = {}
+        self._unit_forms: dict[str, DurationUnit] = {}
         for word, unit in self._units.items():
             if len(word) >= _FUZZY_UNIT_MIN and word.isalpha():
                 self._unit_forms.setdefault(word, unit)
@@ -670,13 +671,14 @@ class ValueParser:
         iso = _iso(parts)
         return (end, iso, 1.0) if iso else None
 
-    def _fuzzy_unit_uncached(self, word: str) -> str | None:
+    def _fuzzy_unit_uncached(self, word: str) -> DurationUnit | None:
         """The duration unit a misspelt word stands for: one edit (transpositions count once) in a word
         of five letters or more; only asked after "на / через / for / in" and a number."""
         if len(word) < _FUZZY_UNIT_MIN or not word.isalpha() or (not word.isascii() and self._is_known(word)):
             return None  # a real Russian word («минуса») is not a misspelt unit
         forms = {word, word[:-1]} if word.endswith("s") and word.isascii() else {word}
-        best, unit = 0.0, None
+        best = 0.0
+        unit: DurationUnit | None = None
         for form in forms:
             for cand, u in self._unit_forms.items():
                 sim = OSA.normalized_similarity(form, cand)
@@ -701,8 +703,8 @@ class ValueParser:
                 k += 1  # "1/2 an hour"
         half = phrase_at(self._and_half, words, k) if k < n else None
         if half is None and k + 1 < n and words[k] in self._dur_and:
-            m = k + 2 if k + 2 < n and words[k + 1] in self._articles else k + 1
-            frac = self._number_at(c, m, n) if m < n and _FRACTION.fullmatch(words[m]) else None
+            at = k + 2 if k + 2 < n and words[k + 1] in self._articles else k + 1
+            frac = self._number_at(c, at, n) if at < n and _FRACTION.fullmatch(words[at]) else None
             if frac is not None:  # "1 and a 1/2 hours"
                 amount, k = amount + frac.value, frac.end
         if half:

@@ -83,7 +83,7 @@ def examples_digest(rows: Sequence[ExampleRow]) -> str:
     return h.hexdigest()
 
 
-def macro_f1(gold: Sequence[int], pred: Sequence[int]) -> float | None:
+def macro_f1(gold: Sequence[int] | np.ndarray, pred: Sequence[int] | np.ndarray) -> float | None:
     """Mean F1 over the intents of the in-scope rows (``gold >= 0``), the rows ``dev_accuracy`` uses."""
     g, p = np.asarray(gold, dtype=np.int64), np.asarray(pred, dtype=np.int64)
     inside = g >= 0
@@ -176,8 +176,8 @@ def write_adaos_artifacts(
     net: Any,
     catalog: Catalog,
     model_id: str,
-    gold: Sequence[int],
-    pred: Sequence[int],
+    gold: Sequence[int] | np.ndarray,
+    pred: Sequence[int] | np.ndarray,
     created_at: str | None = None,
 ) -> list[str]:
     """Write AdaOS's files into the unfinished model folder ``work``; return the folder's file list.

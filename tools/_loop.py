@@ -201,8 +201,8 @@ def fit_net(
     ]
     pool = span_pool(
         [
-            (int(y), t.split(), tg)
-            for t, tg, y, ok in zip(texts, row_tags, labels, tagged_ok, strict=True)
+            (int(lab), t.split(), tg)
+            for t, tg, lab, ok in zip(texts, row_tags, labels, tagged_ok, strict=True)
             if ok and tg
         ]
     )
@@ -211,12 +211,12 @@ def fit_net(
         net.train()
         noisy: list[str] = []
         noisy_tags: list[list[int] | None] = []
-        for t, tg, y, ok in zip(texts, row_tags, labels, tagged_ok, strict=True):
+        for t, tg, lab, ok in zip(texts, row_tags, labels, tagged_ok, strict=True):
             if not ok or tg is None:
                 noisy.append(augment(t, rng, cfg.augment_rate))
                 noisy_tags.append(None)
             else:
-                words_t, tg2 = swap_spans(t.split(), tg, int(y), pool, rng, cfg.span_swap_rate)
+                words_t, tg2 = swap_spans(t.split(), tg, int(lab), pool, rng, cfg.span_swap_rate)
                 words_t, tg2 = augment_tagged(words_t, tg2, rng, cfg.augment_rate)
                 noisy.append(" ".join(words_t))
                 noisy_tags.append(tg2)

@@ -130,7 +130,7 @@ def embed_cached(
     if todo:
         # A name of its own per writer: two trainings sharing the cache must not rename each other's file.
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.{time.monotonic_ns()}.tmp.npz")
-        np.savez(tmp, **cached)
+        np.savez(tmp, **cached)  # type: ignore[arg-type]  # numpy's stubs read **kwds as allow_pickle
         os.replace(tmp, path)
     out = np.stack([cached[k].astype(np.float32) for k in keys]) if keys else np.zeros((0, teacher.dim))
     out /= np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-9)

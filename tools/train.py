@@ -138,7 +138,12 @@ def _index(vectors: np.ndarray, dim: int) -> faiss.Index:
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
-        hnsw = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        hnsw = faiss.IndexHNSWSQ(
+            dim,
+            faiss.ScalarQuantizer.QT_fp16,  # type: ignore[arg-type]  # faiss's stubs take the enum for a class
+            HNSW_M,
+            faiss.METRIC_INNER_PRODUCT,
+        )
         hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         hnsw.train(vectors)
         hnsw.add(vectors)
@@ -452,7 +457,7 @@ def train_model(
             tag_slots=_intent_tag_slots([r for r, _ in train], catalog, tags, prep.intents)
             if net.head_tag is not None
             else {},
-            tag_threshold=float(tagger["threshold"]) if tagger else 0.5,
+            tag_threshold=float(str(tagger["threshold"])) if tagger else 0.5,
             tag_raw_intents=[n for n in prep.intents if n not in catalog.intents]
             if net.head_tag is not None
             else [],
