@@ -115,7 +115,7 @@ def _entity_value(spec: SlotSpec, ent: EntityMatch) -> str:
     return ent.value
 
 
-def _checked(  # noqa: PLR0917 - one helper of fill_slots, called positionally in three places
+def _checked(  # noqa: PLR0917 - fill_slots's check of one value, called positionally
     name: str, spec: SlotSpec, ent: EntityMatch | None, value: Any, locale: str, invalid: list[dict[str, Any]]
 ) -> tuple[bool, Any]:
     """(keep, value): extremes mapped to the slot's meaning, out-of-range values recorded in ``invalid``."""
@@ -142,31 +142,21 @@ def fill_slots(intent: Intent | None, canonical: Canonical, extra: dict[str, Any
     slots: dict[str, Any] = {}
     invalid: list[dict[str, Any]] = []
     for name, spec in intent.slots.items():
+        pairs: list[tuple[EntityMatch | None, Any]]  # what may fill the slot, and from which entity
         if name in extra:
             given = extra[name]
-            if spec.multiple:
-                checked = [
-                    _checked(name, spec, None, v, canonical.locale, invalid)
-                    for v in (given if isinstance(given, list) else [given])
-                ]
-                if any(keep for keep, _ in checked):
-                    slots[name] = [v for keep, v in checked if keep]
-                continue
-            keep, value = _checked(name, spec, None, given, canonical.locale, invalid)
-            if keep:
-                slots[name] = value
-            continue
-        source = spec.source or name
-        found = [
-            e
-            for e in canonical.entities
-            if e.placeholder == source and (not spec.kinds or not e.ref or _kind_ok(spec, e.kind))
-        ]
-        values = []
-        for ent in found if spec.multiple else found[:1]:
-            keep, value = _checked(name, spec, ent, _entity_value(spec, ent), canonical.locale, invalid)
-            if keep:
-                values.append(value)
+            many = given if spec.multiple and isinstance(given, list) else [given]
+            pairs = [(None, v) for v in many]
+        else:
+            source = spec.source or name
+            found = [
+                e
+                for e in canonical.entities
+                if e.placeholder == source and (not spec.kinds or not e.ref or _kind_ok(spec, e.kind))
+            ]
+            pairs = [(e, _entity_value(spec, e)) for e in (found if spec.multiple else found[:1])]
+        checked = (_checked(name, spec, e, v, canonical.locale, invalid) for e, v in pairs)
+        values = [v for keep, v in checked if keep]
         if values:
             slots[name] = values if spec.multiple else values[0]
     missing = tuple(n for n, s in intent.slots.items() if s.required and n not in slots)
