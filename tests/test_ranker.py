@@ -28,7 +28,7 @@ from skill.scoring import (
     score_batch,
     score_one,
 )
-from tools._calib import ValBatch, expected_calibration_error, fit_blend, fit_calibration
+from tools._calib import NEVER_REJECT, ValBatch, expected_calibration_error, fit_blend, fit_calibration, fit_neg_margin
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -188,6 +188,22 @@ def test_calibration_is_calibrated() -> None:
     conf = calibrate(x, cal)
     assert expected_calibration_error(conf, y) < 0.03
     assert isinstance(cal, Calibration)
+
+
+def test_neg_margin_is_fitted_where_the_rule_acts() -> None:
+    # Out-of-scope rows whose nearest negative is close: half of them already below the accept
+    # threshold, where the rule changes nothing, half above it, where only the rule stops them.
+    gold = np.array([-1] * 8 + [0] * 8)
+    correct = np.array([False] * 8 + [True] * 8)
+    neg_gap = np.array([0.02] * 8 + [-0.2] * 7 + [0.03])  # one correct row with a near negative too
+    conf = np.array([0.3] * 4 + [0.9] * 4 + [0.95] * 8)
+    margin = fit_neg_margin(neg_gap, gold, correct, conf, accept=0.8)
+    assert margin < 0.02  # fires on the four accepted out-of-scope rows ...
+    assert margin > -0.2  # ... and not on the correct rows 0.2 below their example
+    # The same rows, but the confidence already refuses every out-of-scope one: the rule could only
+    # cost correct accepts, so it stays off.
+    conf_ok = np.array([0.3] * 8 + [0.95] * 8)
+    assert fit_neg_margin(neg_gap, gold, correct, conf_ok, accept=0.8) == NEVER_REJECT
 
 
 def test_score_batch_features_are_finite() -> None:

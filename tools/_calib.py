@@ -88,19 +88,28 @@ def fit_calibration(
     )
 
 
-def fit_neg_margin(neg_gap: np.ndarray, gold: np.ndarray, correct: np.ndarray) -> float:
-    """Reject when the nearest negative beats the nearest example by more than this; +inf if never useful."""
-    oos = gold < 0
+def fit_neg_margin(
+    neg_gap: np.ndarray, gold: np.ndarray, correct: np.ndarray, conf: np.ndarray, accept: float
+) -> float:
+    """The near-negative rule's margin, fitted where the rule acts; ``NEVER_REJECT`` unless it helps.
+
+    The rule is a veto on top of the calibrated confidence, which already weighs the same gap
+    (``neg_gap`` is one of its features). So it is fitted on what it changes: the val rows the
+    confidence ``conf`` would accept at the hub's ``accept`` threshold. A margin is worth its wrong
+    accepts removed (out-of-scope or wrong intent) minus twice its correct accepts removed; the best
+    positive worth wins, else the rule stays off. (Fitted before over every val row, the rule took
+    mostly rows the confidence had already refused and at the hub's threshold changed nothing but a
+    few correct accepts.) ``gold`` is -1 for out-of-scope rows, which are never ``correct``.
+    """
+    accepted = conf >= accept
     best_gain, best_margin = 0.0, NEVER_REJECT
     for margin in NEG_MARGIN_GRID:
-        rejected = neg_gap > margin
-        gain = (
-            float(rejected[oos].sum())
-            - 2.0 * float(rejected[~oos & correct].sum())
-            - 0.5 * float(rejected[~oos & ~correct].sum())
-        )
+        fired = accepted & (neg_gap > margin)
+        gain = float(fired[~correct].sum()) - 2.0 * float(fired[correct].sum())
         if gain > best_gain:
             best_gain, best_margin = gain, margin
+    _LOGGER.info("near-negative margin %s (worth %.0f rows over %d accepted val rows; %d oos)",
+                 best_margin, best_gain, int(accepted.sum()), int((gold < 0).sum()))
     return best_margin
 
 
@@ -116,15 +125,17 @@ def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int 
 
 
 def fit_all(
-    val: ValBatch, log_prior: np.ndarray, k: int
+    val: ValBatch, log_prior: np.ndarray, k: int, accept: float = 0.8
 ) -> tuple[Blend, Calibration, float, dict[str, float]]:
-    """Blend, then calibration (with 2-fold cross-fitted ECE for an honest figure), then reject margin."""
+    """Blend, then calibration (with 2-fold cross-fitted ECE for an honest figure), then the reject
+    margin at the hub's ``accept`` threshold."""
     blend, report = fit_blend(val, log_prior, k)
     sc = score_batch(val.probs, val.sims, val.labels, val.neg_sims, log_prior, blend, val.unk)
     correct = sc.top == val.gold
     cal = fit_calibration(sc.features, correct)
     conf = calibrate(sc.features, cal)
     report["val_ece_fit"] = expected_calibration_error(conf, correct)
+    cross = conf
     if len(correct) >= 20:
         half = np.arange(len(correct)) % 2 == 0
         cross = np.zeros(len(correct))
@@ -132,10 +143,12 @@ def fit_all(
             cross[~part] = calibrate(sc.features[~part], fit_calibration(sc.features[part], correct[part]))
         report["val_ece_crossfit"] = expected_calibration_error(cross, correct)
     neg_gap = sc.features[:, CALIBRATION_FEATURES.index("neg_gap")]
-    margin = fit_neg_margin(neg_gap, val.gold, correct)
+    # Cross-fitted confidences where there are enough rows: the margin is then fitted on rows the
+    # calibration map did not see, as it will be used.
+    margin = fit_neg_margin(neg_gap, val.gold, correct, cross, accept)
     if val.neg_sims is None:
         margin = NEVER_REJECT
-    report.update(neg_rule_effect(conf, correct, neg_gap > margin))
+    report.update(neg_rule_effect(conf, correct, neg_gap > margin, accept))
     return blend, cal, margin, report
 
 

@@ -65,6 +65,10 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     soft_label_weight: float = 0.0
     soft_label_k: int = 10
     soft_label_tau: float = 0.05
+    # Clean/noisy consistency: for a row the augmentation changed (same word count), the prediction and
+    # kNN embedding of the noisy text are pulled towards the network's own, gradient-free view of the
+    # clean text (KL + cosine), so a typo lands where its clean sentence does. 0: off.
+    consistency_weight: float = 0.0
 
 
 def teacher_soft_labels(  # noqa: PLR0917 - arrays of one training run and its two settings
@@ -115,6 +119,36 @@ def _batches(
 def _tensors(feat: Featurizer, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     enc = feat.encode(texts)
     return torch.from_numpy(enc.chars), torch.from_numpy(enc.words), torch.from_numpy(enc.ngrams)
+
+
+def _consistency(  # noqa: PLR0917 - one batch's tensors
+    net: Net,
+    feat: Featurizer,
+    clean: Sequence[str],
+    noisy: Sequence[str],
+    batch: Sequence[int],
+    logits: torch.Tensor,
+    emb: torch.Tensor,
+) -> torch.Tensor:
+    """KL(clean || noisy) of the softmax plus 1 - cosine of the kNN embeddings, over the batch rows the
+    augmentation changed without changing their word count (the clean batch then needs no padding).
+    The clean view is computed without gradient and without dropout: it is the target, not a second
+    student."""
+    pick = [
+        r
+        for r, i in enumerate(batch)
+        if noisy[i] != clean[i] and feat.n_tokens(noisy[i]) == feat.n_tokens(clean[i])
+    ]
+    if not pick:
+        return logits.sum() * 0.0
+    with torch.no_grad():
+        net.eval()
+        c_logits, _, _, c_emb, _, _ = net.forward_train(*_tensors(feat, [clean[batch[r]] for r in pick]))
+        net.train()
+        target = F.softmax(c_logits, dim=1)
+    rows = torch.tensor(pick, dtype=torch.long)
+    kl = (target * (torch.log(target.clamp_min(1e-8)) - F.log_softmax(logits[rows], dim=1))).sum(1).mean()
+    return kl + (1.0 - (emb[rows] * c_emb).sum(dim=1)).mean()
 
 
 def fit_net(
@@ -270,6 +304,8 @@ def fit_net(
                 loss = loss - cfg.oe_weight * F.log_softmax(logits[~inside], dim=1).mean()
             if len(batch) > 1:
                 loss = loss + cfg.supcon_weight * supcon_loss(emb, y, cfg.supcon_tau)
+            if cfg.consistency_weight > 0:
+                loss = loss + cfg.consistency_weight * _consistency(net, feat, texts, noisy, batch, logits, emb)
             for opt in opts:
                 opt.zero_grad()
             loss.backward()
