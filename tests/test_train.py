@@ -387,3 +387,41 @@ def test_large_example_sets_get_a_deterministic_hnsw_index(tmp_path: Path) -> No
     assert recall > 0.95, recall
     back.add(x[:3])  # the service adds catalog rows at start: the graph takes them
     assert back.ntotal == len(x) + 3
+
+
+def test_consistency_pulls_a_typo_towards_its_clean_sentence() -> None:
+    """consistency_weight > 0: the noisy view of a row is trained towards the clean view's embedding."""
+    import random  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415 - training-only dependency
+
+    from skill.features import Featurizer, build_vocab  # noqa: PLC0415
+    from tools._augment import typo  # noqa: PLC0415
+    from tools._loop import TrainConfig, fit_net  # noqa: PLC0415
+
+    texts = [t for intent in TINY["intents"] for loc in ("en", "ru") for t in intent["examples"][loc]]
+    labels = [
+        i for i, intent in enumerate(TINY["intents"]) for loc in ("en", "ru") for _ in intent["examples"][loc]
+    ]
+    feat = Featurizer(build_vocab(texts))
+    rng = random.Random(3)
+    pairs = []
+    for t in texts:  # one typo in the longest word, the rest as written
+        words = t.split()
+        j = max(range(len(words)), key=lambda k: len(words[k]))
+        words[j] = typo(words[j], rng)
+        pairs.append((t, " ".join(words)))
+
+    def gap(weight: float) -> float:
+        cfg = TrainConfig(epochs=30, batch_size=8, ema_decay=0.0, augment_rate=0.9, consistency_weight=weight)
+        net = fit_net(feat, texts, labels, len(TINY["intents"]), seed=2, cfg=cfg, progress=False)
+        with torch.no_grad():
+            sims = []
+            for clean, noisy in pairs:
+                a = net(*(torch.from_numpy(x) for x in feat.encode([clean]).feeds().values()))[1]
+                b = net(*(torch.from_numpy(x) for x in feat.encode([noisy]).feeds().values()))[1]
+                sims.append(float((a * b).sum()))
+        return 1.0 - float(np.mean(sims))
+
+    plain, taught = gap(0.0), gap(5.0)
+    assert taught < plain * 0.8, (taught, plain)
