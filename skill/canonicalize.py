@@ -35,7 +35,7 @@ _CYRILLIC = re.compile("[\u0400-\u04ff]")
 _LATIN = re.compile("[A-Za-z]")
 
 REGISTRY_PLACEHOLDERS = ("device", "room", "scenario", "app", "modal", "webspace", "skill")
-VALUE_PLACEHOLDERS = ("time", "date", "duration", "number", "city", "temperature", "color")
+VALUE_PLACEHOLDERS = ("time", "date", "duration", "number", "city", "temperature", "color", "genre")
 _PRIORITY = {"time": 0, "date": 1, "duration": 2}  # anything else (registry, city): 3
 
 

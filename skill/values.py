@@ -127,11 +127,17 @@ class TemperatureWords(_Strict, frozen=True):
     celsius: list[str] = _l()
 
 
-class ColorWords(_Strict, frozen=True):
-    """{color}: canonical English colour names with their words; all need a light word (``cues``) near."""
+class LexiconWords(_Strict, frozen=True):
+    """A closed class of words with canonical names ({color}, {genre}): ``names`` maps each canonical
+    English name to its words (Russian single words as lemmas, so any inflection matches; phrases as
+    said). The words are everyday words too, so they count only when a ``cues`` word is in the
+    utterance (a light word for a colour, a music or play word for a genre)."""
 
     names: dict[str, list[str]] = _d()
     cues: list[str] = _l()
+
+
+ColorWords = LexiconWords  # the name the colour section had before genres shared it
 
 
 class City(_Strict, frozen=True):
@@ -156,7 +162,8 @@ class MaskingRules(_Strict, frozen=True):
     kind_words: dict[str, list[str]] = _d()
     cities: list[City] = _l()
     temperature: TemperatureWords = msgspec.field(default_factory=TemperatureWords)
-    colors: ColorWords = msgspec.field(default_factory=ColorWords)
+    colors: LexiconWords = msgspec.field(default_factory=LexiconWords)
+    genres: LexiconWords = msgspec.field(default_factory=LexiconWords)
 
 
 _APOSTROPHES = re.compile(r"['’ʼ`´]")
@@ -241,6 +248,20 @@ def phrase_at(
         if tuple(words[i:end]) == key:
             return value, end
     return None
+
+
+def _lexicon_at(
+    table: Mapping[str, list[tuple[tuple[str, ...], str]]], c: _Ctx, i: int, placeholder: str
+) -> ValueSpan | None:
+    """A lexicon word or phrase at token ``i`` ("red", «тёплый белый», «джаза»): the longest phrase as
+    said, else a one-word entry by the token's lemma. The caller checked the lexicon's cue."""
+    hit = phrase_at(table, c.words, i)
+    if hit is None:
+        lemma = c.lems[i][1] if len(c.lems[i]) > 1 else c.lems[i][0]
+        name = next((v for key, v in table.get(lemma, ()) if len(key) == 1), None)
+        if name is not None:
+            hit = (name, i + 1)
+    return None if hit is None else ValueSpan(i, hit[1], placeholder, hit[0])
 
 
 def _lex(table: Mapping[str, _V], lem: Lemmas) -> _V | None:
@@ -339,8 +360,14 @@ class ValueParser:
             _words(tw.fahrenheit),
             _words(tw.celsius),
         )
-        self._colors = _phrases({w: name for name, words in cw.names.items() for w in words})
-        self._color_cues = _words(cw.cues)
+        self._lexicons = tuple(
+            (
+                placeholder,
+                _phrases({w: name for name, words in lw.names.items() for w in words}),
+                _words(lw.cues),
+            )
+            for placeholder, lw in (("color", cw), ("genre", rules.genres))
+        )
         self._triggers = frozenset().union(
             self._numwords,
             self._fractions,
@@ -356,7 +383,7 @@ class ValueParser:
             self._units,
             self._dur_fixed,
             self._half_prefix,
-            self._colors,
+            *(table for _, table, _ in self._lexicons),
         )
 
     def find(self, words: Sequence[str], lems: Sequence[Lemmas]) -> list[ValueSpan]:
@@ -365,7 +392,7 @@ class ValueParser:
         out: list[ValueSpan] = []
         parsers = (("time", self._time_at), ("date", self._date_at), ("duration", self._duration_at))
         temp_ctx = any(_has(self._temp_ctx, lem) for lem in lems)
-        color_cue = any(_has(self._color_cues, lem) for lem in lems)
+        cued = [(ph, table) for ph, table, cues in self._lexicons if any(_has(cues, lem) for lem in lems)]
         for i, lem in enumerate(lems):
             word = words[i]
             if not (word[:1].isdigit() or _has(self._triggers, lem) or word.startswith(self._half_prefix)):
@@ -375,8 +402,9 @@ class ValueParser:
                     out.append(ValueSpan(i, hit[0], placeholder, hit[1], hit[2]))
             if temp := self._temperature_at(ctx, i, temp_ctx):
                 out.append(temp)
-            if color := self._color_at(ctx, i, color_cue):
-                out.append(color)
+            for placeholder, table in cued:
+                if word_hit := _lexicon_at(table, ctx, i, placeholder):
+                    out.append(word_hit)
         return out
 
     def _temperature_at(self, c: _Ctx, i: int, context: bool) -> ValueSpan | None:
@@ -399,24 +427,6 @@ class ValueParser:
             elif _has(self._celsius, c.lems[k]):
                 kind = "temperature.celsius"
         return ValueSpan(i, j, "temperature", num.text, 1.0 if degree else 0.9, kind)
-
-    def _color_at(self, c: _Ctx, i: int, cue: bool) -> ValueSpan | None:
-        """A colour word ("red", «тёплый белый»), only when a light or colour word is in the utterance."""
-        hit = phrase_at(self._colors, c.words, i)
-        lemma = c.lems[i][1] if len(c.lems[i]) > 1 else c.lems[i][0]
-        if hit is None and (name := self._color_lemma(lemma)) is not None:
-            hit = (name, i + 1)
-        if hit is None:
-            return None
-        if not cue:  # "blues", "red wine", «белый хлеб»: a colour only next to a light word
-            return None
-        return ValueSpan(i, hit[1], "color", hit[0])
-
-    def _color_lemma(self, lemma: str) -> str | None:
-        for key, name in self._colors.get(lemma, ()):
-            if len(key) == 1:
-                return name
-        return None
 
     def extreme(self, lem: Lemmas) -> str | None:
         """ "max" / "min" for an extreme word ("максимум", "lowest"), else None."""

@@ -261,7 +261,7 @@ def test_split_frames(pipe: Pipeline, text: str, frames: list[tuple[str, dict[st
 def test_no_split_when_the_whole_is_one_confident_request(pipe: Pipeline) -> None:
     repeated = _ask(Conversation(), pipe, "отмени будильник, отмени будильник", "r0", None)
     assert "segments" not in repeated  # one request said twice is not two requests
-    for text in ("play rock and roll", "поставь будильник на 7:30", "включи свет на кухне"):
+    for text in ("play simon and garfunkel", "поставь будильник на 7:30", "включи свет на кухне"):
         wire = _ask(Conversation(), pipe, text, "r1", None)
         assert "segments" not in wire, text
         assert wire["decision"] == "accept"
@@ -348,7 +348,11 @@ async def test_http_one_segment_abstains_while_the_other_is_accepted(
 
 
 async def test_http_single_request_has_no_segments(client: TestClient) -> None:
-    for text in ("play rock and roll", "поставь будильник на 7:30", "слушай, поставь будильник на 7:30"):
+    for text in (
+        "play simon and garfunkel",
+        "поставь будильник на 7:30",
+        "слушай, поставь будильник на 7:30",
+    ):
         body = await parse(client, text)
         assert "segments" not in body and "clarify" not in body, text
 

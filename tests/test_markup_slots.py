@@ -6,9 +6,10 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
-from skill.canonicalize import Canonicalizer
+from skill.canonicalize import Canonicalizer, EntityMatch
 from skill.catalog import CatalogError, MarkupError, Span, load_catalog, parse_markup
 from skill.decision import Candidate, Decision, Outcome
 from skill.pipeline import Pipeline
@@ -157,6 +158,11 @@ def test_open_slots_on_existing_intents(repo_catalog: Any) -> None:
         ("яркость на максимум", "ru", "number", "max"),
         ("brightness to the lowest", "en", "number", "min"),
         ("открой шторы наполовину", "ru", "number", "50"),
+        ("play some jazz", "en", "genre", "jazz"),
+        ("поставь что-нибудь из классики", "ru", "genre", "classical"),
+        ("хочу послушать старый рок-н-ролл", "ru", "genre", "rock and roll"),
+        ("put on some hip hop in the kitchen", "en", "genre", "hip hop"),
+        ("play classic rock", "en", "genre", "classic rock"),
     ],
 )
 def test_value_parsers(canon: Canonicalizer, text: str, locale: str, placeholder: str, value: str) -> None:
@@ -176,6 +182,35 @@ def test_temperature_keeps_the_unit_said(canon: Canonicalizer) -> None:
 )
 def test_colour_words_need_a_light_word(canon: Canonicalizer, text: str) -> None:
     assert "color" not in {e.placeholder for e in canon.canonicalize(text).entities}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "what is jazz",  # no music or play word
+        "rock the baby to sleep",
+        "это классика",
+        "play music in the house",  # "house" alone is not listed: a home, not a genre
+        "stop the music in the kitchen and the lounge",  # "lounge" alone is a room
+        "play Daft Punk",  # a bare "punk" is mostly this band
+    ],
+)
+def test_genre_words_need_a_music_word_and_stay_out_of_names(canon: Canonicalizer, text: str) -> None:
+    assert "genre" not in {e.placeholder for e in canon.canonicalize(text).entities}
+
+
+def test_genre_fills_the_open_slot_and_the_tagger_the_rest(repo_catalog: Any, canon: Canonicalizer) -> None:
+    play = repo_catalog.intents["music.play"]
+    c = canon.canonicalize("включи джаза немного на кухне", "ru")
+    assert c.masked == "включи {genre} немного на {room}"
+    assert fill_slots(play, c, {}).slots["genre"] == "jazz"
+    # An unlisted genre is the tagger's: canonicalization leaves it, and the tagged span (as the
+    # pipeline adds it after canonicalization's entities) fills the same slot with its text.
+    c = canon.canonicalize("play something relaxing", "en")
+    assert "genre" not in fill_slots(play, c, {}).slots
+    span = EntityMatch("genre", "genre", "relaxing", 15, 23, "relaxing", source="tagger", match_type="tagged")
+    tagged = msgspec.structs.replace(c, entities=(*c.entities, span))
+    assert fill_slots(play, tagged, {}).slots["genre"] == "relaxing"
 
 
 def test_half_stays_a_time_or_duration(canon: Canonicalizer) -> None:

@@ -66,7 +66,7 @@ def test_measures(tmp_path: Path) -> None:
 
     fs = multiturn.false_splits(
         pipe,
-        [("play rock and roll", "en", "x"), ("поставь будильник на 7:30", "ru", "y"),
+        [("play simon and garfunkel", "en", "x"), ("поставь будильник на 7:30", "ru", "y"),
          ("выключи свет на кухне и поставь будильник на 7:30", "ru", "z")],
     )  # fmt: skip
     assert fs == {"rows": 3, "split": 1, "rate": 0.3333, "by_label": {"z": 1}}

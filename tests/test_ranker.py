@@ -28,7 +28,14 @@ from skill.scoring import (
     score_batch,
     score_one,
 )
-from tools._calib import NEVER_REJECT, ValBatch, expected_calibration_error, fit_blend, fit_calibration, fit_neg_margin
+from tools._calib import (
+    NEVER_REJECT,
+    ValBatch,
+    expected_calibration_error,
+    fit_blend,
+    fit_calibration,
+    fit_neg_margin,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 

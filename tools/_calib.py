@@ -108,8 +108,13 @@ def fit_neg_margin(
         gain = float(fired[~correct].sum()) - 2.0 * float(fired[correct].sum())
         if gain > best_gain:
             best_gain, best_margin = gain, margin
-    _LOGGER.info("near-negative margin %s (worth %.0f rows over %d accepted val rows; %d oos)",
-                 best_margin, best_gain, int(accepted.sum()), int((gold < 0).sum()))
+    _LOGGER.info(
+        "near-negative margin %s (worth %.0f rows over %d accepted val rows; %d oos)",
+        best_margin,
+        best_gain,
+        int(accepted.sum()),
+        int((gold < 0).sum()),
+    )
     return best_margin
 
 

@@ -305,7 +305,9 @@ def fit_net(
             if len(batch) > 1:
                 loss = loss + cfg.supcon_weight * supcon_loss(emb, y, cfg.supcon_tau)
             if cfg.consistency_weight > 0:
-                loss = loss + cfg.consistency_weight * _consistency(net, feat, texts, noisy, batch, logits, emb)
+                loss = loss + cfg.consistency_weight * _consistency(
+                    net, feat, texts, noisy, batch, logits, emb
+                )
             for opt in opts:
                 opt.zero_grad()
             loss.backward()
