@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import faiss
 import msgspec
@@ -519,9 +520,64 @@ def config_from_overrides(overrides: list[str], word_vectors: int | None = None)
         raise ValueError(f"--set: {exc}") from exc
 
 
-def activate(out_root: Path, model_id: str) -> None:
+def activate(out_root: Path, model_id: str, why: str = "tools.train --activate") -> None:
     """Point ``out_root/active.json`` at ``model_id`` atomically (the service's own registry code)."""
-    write_pointer(out_root, model_id, who="tools.train", why="tools.train --activate")
+    write_pointer(out_root, model_id, who="tools.train", why=why)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``13``, ``13,14,15`` or ``13-16`` (inclusive) into a list of distinct seeds, in order."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            rng = range(int(lo), int(hi) + 1) if sep else range(int(lo), int(lo) + 1)
+            if not rng:
+                raise ValueError(part)
+            seeds += [x for x in rng if x not in seeds]
+    except ValueError as exc:
+        raise ValueError(f"--seed: expected N, N,M,... or N-M, got {text!r}") from exc
+    if len(seeds) > 16:
+        raise ValueError(f"--seed: at most 16 seeds, got {len(seeds)}")
+    return seeds
+
+
+class SeedResult(msgspec.Struct, frozen=True):
+    """One training of a multi-seed run, as the choice saw it."""
+
+    seed: int
+    model_id: str
+    val_accuracy: float
+    golden_failures: int | None  # None: no golden cases to run (bench data)
+
+
+def choose_seed(results: list[SeedResult]) -> SeedResult:
+    """The rule for several seeds: those that pass every golden case (the promotion gate) first, then
+    the best val accuracy; the earlier seed on a tie. Never the probe or any test data."""
+    return min(results, key=lambda r: (bool(r.golden_failures), -r.val_accuracy, results.index(r)))
+
+
+def _golden_failures(model_dir: Path, catalog: Catalog) -> int:
+    from tools.eval import evaluate_model  # noqa: PLC0415 - the serving pipeline, loaded when used
+
+    return len(evaluate_model(model_dir, catalog).golden_failures)
+
+
+def _gate_activation(out_root: Path, model_dir: Path, catalog: Catalog) -> list[str]:
+    """Why ``tools.models promote`` would refuse this model against the active one (empty: it would not)."""
+    from skill.registry import read_pointer  # noqa: PLC0415
+    from tools.eval import evaluate_model  # noqa: PLC0415
+    from tools.models import quality_gate  # noqa: PLC0415
+
+    pointer = read_pointer(out_root)
+    current = None
+    if pointer is not None and pointer.model_id != model_dir.name and (out_root / pointer.model_id).is_dir():
+        try:
+            current = evaluate_model(out_root / pointer.model_id, catalog)
+        except Exception as exc:  # noqa: BLE001 - a broken active model must not block a good new one
+            _LOGGER.warning("the active version cannot be evaluated (%s); gating on the new one alone", exc)
+    reasons, _ = quality_gate(evaluate_model(model_dir, catalog), current)
+    return reasons
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -532,9 +588,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--data", help="JSONL rows (bench format or AdaOS hub export) instead of the catalog")
     parser.add_argument("--out", default="models", help="models root; the model goes to OUT/<model_id>/")
-    parser.add_argument("--seed", type=int, default=13)
+    parser.add_argument(
+        "--seed",
+        default="13",
+        help="a seed, or several (13,14,15 or 13-16): each is trained, and the one kept is the best on val "
+        "among those that pass every golden case",
+    )
     parser.add_argument("--name", default="node-default")
-    parser.add_argument("--activate", action="store_true", help="point OUT/active.json at the new model")
+    parser.add_argument(
+        "--activate",
+        action="store_true",
+        help="point OUT/active.json at the new model, through the same gate as tools.models promote",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="with --activate: activate even if the gate refuses"
+    )
     parser.add_argument(
         "--use-oos-train",
         action=argparse.BooleanOptionalAction,
@@ -576,26 +644,82 @@ def main(argv: list[str] | None = None) -> int:
         else:
             train, val = rows_from_catalog(catalog)
         use_oos = args.use_oos_train if args.use_oos_train is not None else not args.data
-        path = train_model(
-            train,
-            val,
-            Path(args.out),
-            catalog=catalog,
-            seed=args.seed,
-            name=args.name,
-            progress=not args.quiet,
-            use_oos_train=use_oos,
-            teacher=args.teacher,
-            config=config_from_overrides(args.set, args.word_vectors),
-        )
+        seeds = parse_seeds(args.seed)
+        config = config_from_overrides(args.set, args.word_vectors)
+        out = Path(args.out)
+
+        def one(seed: int, root: Path) -> Path:
+            return train_model(
+                train,
+                val,
+                root,
+                catalog=catalog,
+                seed=seed,
+                name=args.name,
+                progress=not args.quiet,
+                use_oos_train=use_oos,
+                teacher=args.teacher,
+                config=config,
+            )
+
+        if len(seeds) == 1:
+            path = one(seeds[0], out)
+        else:
+            path = _train_seeds(seeds, one, out, None if args.data else catalog)
     except (DataError, ValueError) as exc:
         _LOGGER.error("%s", exc)
         return 2
     if args.activate:
-        activate(Path(args.out), path.name)
+        reasons = [] if args.data else _gate_activation(out, path, catalog)
+        if reasons and not args.force:
+            _LOGGER.error("not activated (the model stays in %s):\n  %s", path, "\n  ".join(reasons))
+            print(path)
+            return 3
+        activate(
+            out,
+            path.name,
+            "tools.train --activate" + (f" FORCED over: {'; '.join(reasons)}" if reasons else ""),
+        )
         _LOGGER.info("activated %s", path.name)
     print(path)
     return 0
+
+
+def _train_seeds(seeds: list[int], one: Any, out: Path, catalog: Catalog | None) -> Path:
+    """Train every seed in a scratch folder under ``out``, keep the one :func:`choose_seed` picks."""
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".seeds-", dir=out))
+    try:
+        results: list[SeedResult] = []
+        for seed in seeds:
+            path = one(seed, scratch)
+            metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
+            fails = _golden_failures(path, catalog) if catalog is not None else None
+            results.append(SeedResult(seed, path.name, float(metrics["val_accuracy"] or 0.0), fails))
+            _LOGGER.info(
+                "seed %d: %s val accuracy %.4f, golden failures %s",
+                seed,
+                path.name,
+                results[-1].val_accuracy,
+                fails,
+            )
+        chosen = choose_seed(results)
+        for r in results:
+            mark = "<- kept" if r is chosen else ""
+            _LOGGER.info(
+                "  seed %3d  %s  val %.4f  golden failures %s %s",
+                r.seed,
+                r.model_id,
+                r.val_accuracy,
+                r.golden_failures,
+                mark,
+            )
+        dest = out / chosen.model_id
+        if not dest.exists():
+            (scratch / chosen.model_id).rename(dest)
+        return dest
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":
