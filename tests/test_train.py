@@ -454,6 +454,27 @@ def test_several_seeds_keep_one_model(tmp_path: Path) -> None:
     assert len(kept) == 1 and kept[0].is_dir(), kept  # the other seed and the scratch folder are gone
     assert read_manifest(kept[0]).seed in (13, 14)
     verify_model_dir(kept[0])
+    # Two at once, each in its own process: the same trainings, so the same model is kept.
+    parallel = tmp_path / "parallel"
+    args = ["--catalog", str(catalog_dir), "--out", str(parallel), "--seed=13,14", "--jobs", "2", "--quiet"]
+    assert trainer.main(args) == 0
+    assert [p.name for p in parallel.iterdir()] == [kept[0].name]
+
+
+def test_child_argv_drops_what_each_seed_gets_its_own_of() -> None:
+    argv = [
+        "--teacher",
+        "hash",
+        "--seed",
+        "13-16",
+        "--out=models",
+        "--jobs",
+        "2",
+        "--activate",
+        "--set",
+        "epochs=3",
+    ]
+    assert trainer._child_argv(argv) == ["--teacher", "hash", "--set", "epochs=3"]
 
 
 def test_activate_goes_through_the_golden_gate(tmp_path: Path) -> None:

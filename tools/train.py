@@ -14,8 +14,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import faiss
 import msgspec
@@ -604,6 +604,9 @@ def main(argv: list[str] | None = None) -> int:
         "--force", action="store_true", help="with --activate: activate even if the gate refuses"
     )
     parser.add_argument(
+        "--jobs", type=int, default=1, help="with several seeds: train this many at once (one process each)"
+    )
+    parser.add_argument(
         "--use-oos-train",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -665,7 +668,15 @@ def main(argv: list[str] | None = None) -> int:
         if len(seeds) == 1:
             path = one(seeds[0], out)
         else:
-            path = _train_seeds(seeds, one, out, None if args.data else catalog)
+            jobs = max(1, min(args.jobs, len(seeds)))
+            child = _child_argv(list(sys.argv[1:] if argv is None else argv))
+
+            def many(todo: list[int], root: Path) -> list[Path]:
+                if jobs == 1:
+                    return [one(seed, root) for seed in todo]
+                return _train_in_processes(todo, child, root, jobs)
+
+            path = _train_seeds(seeds, many, out, None if args.data else catalog)
     except (DataError, ValueError) as exc:
         _LOGGER.error("%s", exc)
         return 2
@@ -685,14 +696,67 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _train_seeds(seeds: list[int], one: Any, out: Path, catalog: Catalog | None) -> Path:
+_OWN_FLAGS = {"--seed": True, "--out": True, "--jobs": True, "--activate": False, "--force": False}
+
+
+def _child_argv(argv: list[str]) -> list[str]:
+    """This run's arguments without those a one-seed child gets its own of (seed, out, jobs, activation)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in _OWN_FLAGS:
+            skip = _OWN_FLAGS[name] and "=" not in arg
+            continue
+        out.append(arg)
+    return out
+
+
+def _train_in_processes(seeds: list[int], child: list[str], root: Path, jobs: int) -> list[Path]:
+    """One ``python -m tools.train`` per seed, ``jobs`` at a time (each trains on one thread)."""
+    import subprocess  # noqa: PLC0415 - only for parallel seeds
+
+    paths: dict[int, Path] = {}
+    running: list[tuple[int, subprocess.Popen[str]]] = []
+    todo = list(seeds)
+    while todo or running:
+        while todo and len(running) < jobs:
+            seed = todo.pop(0)
+            cmd = [
+                sys.executable,
+                "-m",
+                "tools.train",
+                *child,
+                "--seed",
+                str(seed),
+                "--out",
+                str(root),
+                "--quiet",
+            ]
+            running.append((seed, subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)))
+        seed, proc = running.pop(0)
+        stdout, _ = proc.communicate()
+        lines = stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            for _, other in running:
+                other.kill()
+            raise ValueError(f"training seed {seed} failed (exit {proc.returncode}); its log is above")
+        paths[seed] = Path(lines[-1])
+    return [paths[s] for s in seeds]
+
+
+def _train_seeds(
+    seeds: list[int], many: Callable[[list[int], Path], list[Path]], out: Path, catalog: Catalog | None
+) -> Path:
     """Train every seed in a scratch folder under ``out``, keep the one :func:`choose_seed` picks."""
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".seeds-", dir=out))
     try:
         results: list[SeedResult] = []
-        for seed in seeds:
-            path = one(seed, scratch)
+        for seed, path in zip(seeds, many(seeds, scratch), strict=True):
             metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
             fails = _golden_failures(path, catalog) if catalog is not None else None
             results.append(SeedResult(seed, path.name, float(metrics["val_accuracy"] or 0.0), fails))
