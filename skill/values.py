@@ -137,9 +137,6 @@ class LexiconWords(_Strict, frozen=True):
     cues: list[str] = _l()
 
 
-ColorWords = LexiconWords  # the name the colour section had before genres shared it
-
-
 class City(_Strict, frozen=True):
     """A gazetteer city: canonical English name and aliases per locale."""
 

@@ -138,9 +138,27 @@ def _pct(value: float | None) -> str:
     return "   -  " if value is None else f"{100 * value:5.1f}%"
 
 
-def cmd_promote(root: Path, args: argparse.Namespace) -> int:
+def gate_against_active(
+    root: Path, target: Path, catalog: Any, candidate: Any | None = None
+) -> tuple[Any, Any | None, list[str], list[str]]:
+    """Evaluate ``target`` (unless its report is given) and the active version of ``root``, and gate:
+    (candidate report, active report or None, reasons to refuse, per-intent diff lines)."""
     from tools.eval import evaluate_model  # noqa: PLC0415 - loads the ML runtime only when needed
 
+    pointer = read_pointer(root)
+    current = None
+    if pointer is not None and pointer.model_id != target.name and (root / pointer.model_id).is_dir():
+        try:
+            current = evaluate_model(root / pointer.model_id, catalog)
+        except ModelError as exc:
+            print(f"warning: the active version cannot be evaluated ({exc}); gating on the candidate alone")
+    if candidate is None:
+        candidate = evaluate_model(target, catalog)
+    reasons, diff = quality_gate(candidate, current)
+    return candidate, current, reasons, diff
+
+
+def cmd_promote(root: Path, args: argparse.Namespace) -> int:
     target = root / args.model_id
     if not target.is_dir():
         raise Refused(f"no version {args.model_id} in {root}")
@@ -149,15 +167,7 @@ def cmd_promote(root: Path, args: argparse.Namespace) -> int:
     except ModelError as exc:
         raise Refused(f"{args.model_id} is damaged: {exc}") from exc  # --force never serves a damaged model
     catalog = load_catalog(args.catalog or load_config().catalog_dir)
-    pointer = read_pointer(root)
-    current = None
-    if pointer is not None and pointer.model_id != args.model_id and (root / pointer.model_id).is_dir():
-        try:
-            current = evaluate_model(root / pointer.model_id, catalog)
-        except ModelError as exc:
-            print(f"warning: the active version cannot be evaluated ({exc}); gating on the candidate alone")
-    candidate = evaluate_model(target, catalog)
-    reasons, diff = quality_gate(candidate, current)
+    candidate, current, reasons, diff = gate_against_active(root, target, catalog)
     print(
         f"candidate {candidate.model_id}: accuracy {candidate.accuracy:.4f}, ECE {candidate.ece:.4f}, "
         f"golden {candidate.golden_total - len(candidate.golden_failures)}/{candidate.golden_total}"

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import faiss
 import msgspec
@@ -557,27 +558,18 @@ def choose_seed(results: list[SeedResult]) -> SeedResult:
     return min(results, key=lambda r: (bool(r.golden_failures), -r.val_accuracy, results.index(r)))
 
 
-def _golden_failures(model_dir: Path, catalog: Catalog) -> int:
+def _evaluate(model_dir: Path, catalog: Catalog) -> Any:
     from tools.eval import evaluate_model  # noqa: PLC0415 - the serving pipeline, loaded when used
 
-    return len(evaluate_model(model_dir, catalog).golden_failures)
+    return evaluate_model(model_dir, catalog)
 
 
-def _gate_activation(out_root: Path, model_dir: Path, catalog: Catalog) -> list[str]:
-    """Why ``tools.models promote`` would refuse this model against the active one (empty: it would not)."""
-    from skill.registry import read_pointer  # noqa: PLC0415
-    from tools.eval import evaluate_model  # noqa: PLC0415
-    from tools.models import quality_gate  # noqa: PLC0415
+def _gate_activation(out_root: Path, model_dir: Path, catalog: Catalog, report: Any | None) -> list[str]:
+    """Why ``tools.models promote`` would refuse this model against the active one (empty: it would not);
+    ``report``: the model's evaluation when a multi-seed run already made it."""
+    from tools.models import gate_against_active  # noqa: PLC0415
 
-    pointer = read_pointer(out_root)
-    current = None
-    if pointer is not None and pointer.model_id != model_dir.name and (out_root / pointer.model_id).is_dir():
-        try:
-            current = evaluate_model(out_root / pointer.model_id, catalog)
-        except Exception as exc:  # noqa: BLE001 - a broken active model must not block a good new one
-            _LOGGER.warning("the active version cannot be evaluated (%s); gating on the new one alone", exc)
-    reasons, _ = quality_gate(evaluate_model(model_dir, catalog), current)
-    return reasons
+    return gate_against_active(out_root, model_dir, catalog, report)[2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -665,6 +657,7 @@ def main(argv: list[str] | None = None) -> int:
                 config=config,
             )
 
+        report = None  # the kept model's evaluation, when choosing among seeds made one
         if len(seeds) == 1:
             path = one(seeds[0], out)
         else:
@@ -676,12 +669,12 @@ def main(argv: list[str] | None = None) -> int:
                     return [one(seed, root) for seed in todo]
                 return _train_in_processes(todo, child, root, jobs)
 
-            path = _train_seeds(seeds, many, out, None if args.data else catalog)
+            path, report = _train_seeds(seeds, many, out, None if args.data else catalog)
     except (DataError, ValueError) as exc:
         _LOGGER.error("%s", exc)
         return 2
     if args.activate:
-        reasons = [] if args.data else _gate_activation(out, path, catalog)
+        reasons = [] if args.data else _gate_activation(out, path, catalog, report)
         if reasons and not args.force:
             _LOGGER.error("not activated (the model stays in %s):\n  %s", path, "\n  ".join(reasons))
             print(path)
@@ -750,38 +743,34 @@ def _train_in_processes(seeds: list[int], child: list[str], root: Path, jobs: in
 
 def _train_seeds(
     seeds: list[int], many: Callable[[list[int], Path], list[Path]], out: Path, catalog: Catalog | None
-) -> Path:
-    """Train every seed in a scratch folder under ``out``, keep the one :func:`choose_seed` picks."""
+) -> tuple[Path, Any | None]:
+    """Train every seed in a scratch folder under ``out``, keep the one :func:`choose_seed` picks;
+    return its folder and its evaluation (None without a catalog), which activation then reuses."""
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".seeds-", dir=out))
     try:
         results: list[SeedResult] = []
+        reports: dict[str, Any] = {}
         for seed, path in zip(seeds, many(seeds, scratch), strict=True):
             metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
-            fails = _golden_failures(path, catalog) if catalog is not None else None
+            if catalog is not None:
+                reports[path.name] = _evaluate(path, catalog)
+            fails = len(reports[path.name].golden_failures) if catalog is not None else None
             results.append(SeedResult(seed, path.name, float(metrics["val_accuracy"] or 0.0), fails))
-            _LOGGER.info(
-                "seed %d: %s val accuracy %.4f, golden failures %s",
-                seed,
-                path.name,
-                results[-1].val_accuracy,
-                fails,
-            )
         chosen = choose_seed(results)
         for r in results:
-            mark = "<- kept" if r is chosen else ""
             _LOGGER.info(
-                "  seed %3d  %s  val %.4f  golden failures %s %s",
+                "  seed %3d  %s  val %.4f  golden failures %s%s",
                 r.seed,
                 r.model_id,
                 r.val_accuracy,
                 r.golden_failures,
-                mark,
+                "  <- kept" if r is chosen else "",
             )
         dest = out / chosen.model_id
         if not dest.exists():
             (scratch / chosen.model_id).rename(dest)
-        return dest
+        return dest, reports.get(chosen.model_id)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
