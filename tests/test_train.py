@@ -493,3 +493,76 @@ def test_activate_goes_through_the_golden_gate(tmp_path: Path) -> None:
     assert trainer.main([*args, "--force"]) == 0
     history = (out / "history.jsonl").read_text(encoding="utf-8")
     assert "FORCED over: golden case breaks: 'what is the weather'" in history
+
+
+@pytest.mark.parametrize(
+    ("widths", "bag_weights", "n_tags"), [((3, 5), False, 5), ((3, 5), True, 0), ((2, 3), False, 3)]
+)
+def test_serving_net_computes_what_the_trained_net_does(
+    widths: tuple[int, ...], bag_weights: bool, n_tags: int
+) -> None:
+    """The exported form (one merged char conv, no [B·W] reshape) gives Net's outputs, padded batches too."""
+    import torch  # noqa: PLC0415 - training-only dependency
+
+    from tools._model import Net, NetConfig, ServingNet  # noqa: PLC0415
+
+    torch.manual_seed(3)
+    cfg = NetConfig(
+        n_chars=30,
+        n_words=40,
+        n_ngrams=50,
+        n_classes=4,
+        conv_widths=widths,
+        bag_weights=bag_weights,
+        n_tags=n_tags,
+    )
+    net = Net(cfg).eval()
+    for p in net.parameters():  # trained-looking weights: nothing left at its zero init
+        torch.nn.init.normal_(p, std=0.3)
+    serving = ServingNet(net).eval()
+    assert serving.merged == all(k % 2 for k in widths)
+    chars = torch.randint(0, 30, (3, 4, 16))
+    chars[:, :, 10:] = 0  # words padded to the char width, as the featurizer does
+    words = torch.randint(0, 40, (3, 4))
+    ngrams = torch.randint(0, 50, (3, 7))
+    ngrams[0, 3:] = 0  # a padded n-gram row
+    with torch.no_grad():
+        want, got = net(chars, words, ngrams), serving(chars, words, ngrams)
+    assert len(want) == len(got) == (3 if n_tags else 2)
+    for a, b in zip(want, got, strict=True):
+        assert a.shape == b.shape
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_exported_graph_has_one_char_conv_and_no_lstm_state(tmp_path: Path) -> None:
+    """The export drops the exporter's zero LSTM state and keeps outputs equal to torch's."""
+    import onnx  # noqa: PLC0415 - training-only dependency
+    import torch  # noqa: PLC0415
+
+    from skill.features import Featurizer, build_vocab  # noqa: PLC0415
+    from tools._model import Net, NetConfig  # noqa: PLC0415
+    from tools.export import drop_zero_lstm_state, export_onnx, session  # noqa: PLC0415
+
+    texts = ["turn on the light", "включи свет на кухне", "what time is it"]
+    feat = Featurizer(build_vocab(texts))
+    torch.manual_seed(4)
+    net = Net(
+        NetConfig(
+            n_chars=feat.vocab.n_chars, n_words=feat.vocab.n_words, n_ngrams=feat.vocab.n_ngrams, n_classes=3
+        )
+    ).eval()
+    path = tmp_path / "m.onnx"
+    export_onnx(net, feat, path)
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("Conv") == 1 and "ConstantOfShape" not in ops
+    lstm = next(n for n in graph.node if n.op_type == "LSTM")
+    assert len(lstm.input) <= 5  # no initial_h / initial_c: ONNX starts from zeros
+    assert drop_zero_lstm_state(path) == 0  # nothing left to drop
+    sess = session(path, 1)
+    for text in texts:
+        enc = feat.encode([text])
+        with torch.no_grad():
+            ref = net(torch.from_numpy(enc.chars), torch.from_numpy(enc.words), torch.from_numpy(enc.ngrams))
+        for r, g in zip(ref, sess.run(None, enc.feeds()), strict=True):
+            assert np.abs(r.numpy() - g).max() < 1e-5
