@@ -15,7 +15,7 @@ from tests.conftest import REPO
 from tests.test_train import write_tiny_catalog
 from tools import train as trainer
 from tools._data import rows_from_catalog
-from tools._loop import TrainConfig, teacher_soft_labels
+from tools._loop import TrainConfig, teacher_linear_soft_labels, teacher_soft_labels
 from tools._teacher import HashTeacher, embed_cached, linear_cka, load_teacher, targets
 
 
@@ -54,6 +54,51 @@ def test_teacher_soft_labels_follow_teacher_neighbours() -> None:
     assert q[3, 1] > 0.99 and q[0, 0] > 0.4  # itself never counts
     # Chunking changes nothing.
     assert np.allclose(q, teacher_soft_labels(t, labels, 2, k=2, tau=0.05, chunk=2))
+
+
+def test_linear_soft_labels_are_cross_fitted() -> None:
+    """A row's target comes from a regression fitted without it: a mislabelled row sitting in the other
+    intent's cluster is told the other intent, which it could not be if it were its own evidence."""
+    rng = np.random.default_rng(2)
+    centres = np.array([[4.0, 0, 0, 0], [0, 4.0, 0, 0], [0, 0, 4.0, 0]], dtype=np.float32)
+    labels = [i % 3 for i in range(60)]
+    t = centres[labels] + rng.standard_normal((60, 4)).astype(np.float32) * 0.3
+    labels[7] = 0  # its point is in intent 1's cluster (7 % 3 == 1)
+    labels += [-1]
+    t = np.vstack([t, np.zeros((1, 4), dtype=np.float32)])
+    q = teacher_linear_soft_labels(t, labels, 3, c=100.0, folds=5)
+    assert q.shape == (61, 3) and q[60].sum() == 0  # out-of-scope rows get no target
+    assert np.allclose(q[:60].sum(axis=1), 1.0, atol=1e-5)
+    assert int(q[7].argmax()) == 1 and q[7, 1] > 0.9
+    assert (q[:60].argmax(axis=1) == np.array([i % 3 for i in range(60)])).all()
+    again = teacher_linear_soft_labels(t, labels, 3, c=100.0, folds=5)
+    assert np.array_equal(q, again)  # from zeros, full batch: the same data gives the same targets
+    assert not teacher_linear_soft_labels(t, labels, 3, c=100.0, folds=1).any()  # no fold to fit on
+
+
+def test_text_fields_take_overrides_as_written() -> None:
+    cfg = trainer.config_from_overrides(["soft_label_kind=linear", "soft_label_weight=0.5"])
+    assert cfg.soft_label_kind == "linear" and cfg.soft_label_weight == 0.5
+    with pytest.raises(ValueError, match="must be a number"):
+        trainer.config_from_overrides(["soft_label_weight=lots"])
+
+
+def test_unknown_soft_label_kind_is_refused() -> None:
+    from skill.features import Featurizer, build_vocab  # noqa: PLC0415
+    from tools._loop import fit_net  # noqa: PLC0415
+
+    texts = ["turn on the light", "turn off the light"]
+    with pytest.raises(ValueError, match="soft_label_kind"):
+        fit_net(
+            Featurizer(build_vocab(texts)),
+            texts,
+            [0, 1],
+            2,
+            seed=1,
+            cfg=TrainConfig(epochs=1, soft_label_weight=1.0, soft_label_kind="bayes"),
+            teacher=np.eye(2, dtype=np.float32),
+            progress=False,
+        )
 
 
 def test_linear_cka() -> None:

@@ -65,6 +65,13 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     soft_label_weight: float = 0.0
     soft_label_k: int = 10
     soft_label_tau: float = 0.05
+    # "knn" (above) or "linear": a softmax regression on the teacher's embeddings of the in-scope
+    # training rows, cross-fitted (each row's target comes from the folds it is not in), L2 like
+    # scikit-learn's C; its class probabilities are the target. The frozen teacher with such a head
+    # reaches 96.4 % on CLINC150's val split (4 s per fit), where the student is at 94-95 %.
+    soft_label_kind: str = "knn"
+    soft_label_c: float = 100.0
+    soft_label_folds: int = 5
     # Clean/noisy consistency: for a row the augmentation changed (same word count), the prediction and
     # kNN embedding of the noisy text are pulled towards the network's own, gradient-free view of the
     # clean text (KL + cosine), so a typo lands where its clean sentence does. 0: off.
@@ -95,6 +102,56 @@ def teacher_soft_labels(  # noqa: PLR0917 - arrays of one training run and its t
         block = np.zeros((len(rows), n_classes), dtype=np.float32)
         np.add.at(block, (np.repeat(rows, kk), y[inside][nn].reshape(-1)), w.reshape(-1))
         out[inside[start : start + chunk]] = block
+    return out
+
+
+def _softmax_regression(
+    x: torch.Tensor, t: torch.Tensor, n_classes: int, c: float, iters: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights and bias of a multinomial logistic regression (mean CE + ||W||² / (2·c·n)), L-BFGS."""
+    w = torch.zeros(x.shape[1], n_classes, requires_grad=True)
+    b = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=iters, line_search_fn="strong_wolfe")
+    lam = 1.0 / (c * len(t))
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w + b, t) + 0.5 * lam * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # type: ignore[no-untyped-call]
+    return w.detach(), b.detach()
+
+
+def teacher_linear_soft_labels(  # noqa: PLR0917 - arrays of one training run and its settings
+    teacher: np.ndarray, labels: Sequence[int], n_classes: int, c: float, folds: int, iters: int = 100
+) -> np.ndarray:
+    """[rows, classes]: cross-fitted class probabilities of a softmax regression on the teacher's
+    embeddings of the in-scope rows; zeros for out-of-scope rows.
+
+    Row ``i`` of the in-scope rows (in order) is in fold ``i % folds``; its target comes from the
+    regression fitted on the other folds, so no row is its own evidence. The loss is the mean
+    cross-entropy plus ``||W||² / (2·c·n)``, scikit-learn's C; full-batch L-BFGS from zeros, so the
+    result depends on the data only.
+    """
+    y = np.asarray(labels)
+    inside = np.nonzero(y >= 0)[0]
+    out = np.zeros((len(y), n_classes), dtype=np.float32)
+    if len(inside) < 2 or folds < 2:
+        return out
+    x_all = torch.from_numpy(np.ascontiguousarray(teacher[inside], dtype=np.float32))
+    y_all = torch.from_numpy(y[inside].astype(np.int64))
+    fold = np.arange(len(inside)) % folds
+    for f in range(folds):
+        fit_rows = torch.from_numpy(np.nonzero(fold != f)[0])
+        held = np.nonzero(fold == f)[0]
+        if not len(held):
+            continue
+        w, b = _softmax_regression(x_all[fit_rows], y_all[fit_rows], n_classes, c, iters)
+        with torch.no_grad():
+            probs = F.softmax(x_all[torch.from_numpy(held)] @ w + b, dim=1).numpy()
+        out[inside[held]] = probs
     return out
 
 
@@ -197,9 +254,13 @@ def fit_net(
         t_all = torch.from_numpy(np.ascontiguousarray(teacher, dtype=np.float32))
     q_all: torch.Tensor | None = None
     if teacher is not None and cfg.soft_label_weight > 0:
-        q_all = torch.from_numpy(
-            teacher_soft_labels(teacher, labels, n_classes, cfg.soft_label_k, cfg.soft_label_tau)
-        )
+        if cfg.soft_label_kind == "linear":
+            q = teacher_linear_soft_labels(teacher, labels, n_classes, cfg.soft_label_c, cfg.soft_label_folds)
+        elif cfg.soft_label_kind == "knn":
+            q = teacher_soft_labels(teacher, labels, n_classes, cfg.soft_label_k, cfg.soft_label_tau)
+        else:
+            raise ValueError(f"soft_label_kind {cfg.soft_label_kind!r}: expected 'knn' or 'linear'")
+        q_all = torch.from_numpy(q)
     word_head: torch.nn.Linear | None = None
     w_all: torch.Tensor | None = None
     w_ids: torch.Tensor | None = None

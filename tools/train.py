@@ -509,6 +509,9 @@ def config_from_overrides(overrides: list[str], word_vectors: int | None = None)
         key, sep, value = item.partition("=")
         if not sep or key not in fields:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
+        if isinstance(fields[key], str):  # a text field takes the text as written (no JSON quotes)
+            fields[key] = value
+            continue
         try:
             fields[key] = msgspec.json.decode(value)
         except msgspec.DecodeError:
