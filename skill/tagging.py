@@ -164,16 +164,19 @@ def decode(  # noqa: PLR0917 - arrays and maps of one utterance, positionally as
     if not slots:
         return []
     col = {t: i for i, t in enumerate(tags)}
-    o = col[O_TAG]
     n = min(len(tmap.tokens), probs.shape[0])
+    # [words, slots]: each allowed slot's B + I mass per word, in one array operation.
+    masses = probs[:n, [col[f"B-{s}"] for s in slots]] + probs[:n, [col[f"I-{s}"] for s in slots]]
+    p_ins = masses.sum(axis=1).tolist()
+    p_os = probs[:n, col[O_TAG]].tolist()
+    best = masses.argmax(axis=1).tolist()
     spans: list[tuple[str, int, int, list[float]]] = []  # slot, first norm token, end, P(not O)
     last_end = -1
     for i in range(n):
-        mass = np.array([probs[i, col[f"B-{s}"]] + probs[i, col[f"I-{s}"]] for s in slots])
-        p_in = float(mass.sum())
-        if p_in <= min_confidence * (p_in + float(probs[i, o])):
+        p_in = p_ins[i]
+        if p_in <= min_confidence * (p_in + p_os[i]):
             continue  # P(a slot | a slot or O) at most the threshold: the word is O
-        slot = slots[int(mass.argmax())]
+        slot = slots[best[i]]
         a, b = tmap.ranges[i]
         if spans and spans[-1][0] == slot and spans[-1][2] >= a and last_end == i - 1:
             s0, first, end, ps = spans[-1]
@@ -183,6 +186,8 @@ def decode(  # noqa: PLR0917 - arrays and maps of one utterance, positionally as
         else:
             continue
         last_end = i
+    if not spans:
+        return []
     offs = token_offsets(canonical.text)
     out = []
     for slot, first, end, ps in spans:

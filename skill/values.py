@@ -187,6 +187,11 @@ def tokenize(text: str) -> list[str]:
 def token_offsets(text: str) -> list[tuple[str, int, int]]:
     """:func:`tokenize`'s tokens with their [start, end) offsets into ``text`` (NFC-normalized)."""
     src = unicodedata.normalize("NFC", text)
+    low = src.lower()
+    if len(low) == len(src) and not _APOSTROPHES.search(src):
+        # Every character lower-cases to one (ё→е too) and none is dropped: offsets map 1:1.
+        s = _LOOSE_SEP.sub(" ", low.replace("ё", "е"))
+        return [(m.group(), m.start(), m.end()) for m in _TOKEN.finditer(s)]
     chars: list[str] = []
     where: list[int] = []
     for i, ch in enumerate(src):

@@ -323,3 +323,25 @@ def test_without_masking_yaml_digits_still_work(tmp_path: Path) -> None:
 )
 def test_misspelt_units_need_context(canon: Canonicalizer, text: str) -> None:
     assert "{duration}" not in canon.canonicalize(text).masked
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Включи свет на кухне, 7:30.",  # the 1:1 path
+        "Ёлка: поставь 1/2 часа, 30°",
+        "turn on Kate's lamp",  # an apostrophe is dropped: offsets still point into the raw text
+        "İstanbul radio please",  # "İ" lower-cases to two characters
+    ],
+)
+def test_token_offsets_point_into_the_raw_text(text: str) -> None:
+    from skill.values import token_offsets, tokenize  # noqa: PLC0415
+
+    offs = token_offsets(text)
+    assert [t for t, _, _ in offs] == tokenize(text)
+    for token, start, end in offs:
+        raw = text[start:end].lower().replace("ё", "е").replace("'", "")
+        assert raw.startswith(token[0]) or raw[0] == "i"  # "İ".lower() is "i̇"
+        assert 0 <= start < end <= len(text)
+    last = offs[-1]
+    assert text[last[1] : last[2]].lower().replace("ё", "е") == last[0]
