@@ -101,6 +101,40 @@ def test_unknown_soft_label_kind_is_refused() -> None:
         )
 
 
+def test_distillation_from_the_pooled_features(tmp_path: Path) -> None:
+    """distill_from=feats pulls the features under the projection towards the teacher (CKA up)."""
+    import torch  # noqa: PLC0415 - training-only dependency
+
+    from skill.features import Featurizer, build_vocab  # noqa: PLC0415
+    from tools._loop import fit_net  # noqa: PLC0415
+
+    catalog = load_catalog(write_tiny_catalog(tmp_path / "catalog"))
+    train, _ = rows_from_catalog(catalog)
+    names = sorted({r.intent for r in train if r.intent != "oos"})
+    texts = [r.text.lower() for r in train]
+    labels = [names.index(r.intent) if r.intent in names else -1 for r in train]
+    teacher, _ = embed_cached(HashTeacher(), texts, tmp_path / "cache")
+    feat = Featurizer(build_vocab(texts))
+
+    def pooled_cka(**kw: object) -> float:
+        cfg = TrainConfig(epochs=20, ema_decay=0.0, word_vectors=0, **kw)  # type: ignore[arg-type]
+        net = fit_net(feat, texts, labels, len(names), seed=3, cfg=cfg, teacher=teacher, progress=False)
+        net.eval()
+        rows = []
+        with torch.no_grad():
+            for text in texts:
+                enc = feat.encode([text])
+                e, b, _ = net.branches(*(torch.from_numpy(x) for x in (enc.chars, enc.words, enc.ngrams)))
+                rows.append(torch.cat([e, b], dim=1)[0].numpy())
+        return linear_cka(np.array(rows), teacher)
+
+    plain = pooled_cka(distill_weight=0.0)
+    taught = pooled_cka(distill_weight=3.0, distill_from="feats")
+    assert taught > plain + 0.02, (plain, taught)
+    with pytest.raises(ValueError, match="distill_from"):
+        pooled_cka(distill_weight=1.0, distill_from="logits")
+
+
 def test_linear_cka() -> None:
     x = np.random.default_rng(1).standard_normal((40, 6))
     q, _ = np.linalg.qr(np.random.default_rng(3).standard_normal((6, 6)))

@@ -54,6 +54,9 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tag_weight: float = 1.0
     distill_weight: float = 1.0  # cosine loss towards the teacher's embedding (only with teacher targets)
     distill_oos: bool = True  # distil out-of-scope rows too (val: better than in-scope only, RANKER.md)
+    # What the distillation head reads: "emb" (the 64-d kNN projection) or "feats" (the pooled encoder
+    # and n-gram features under it, 4H + bag_dim, which the classifier heads read too).
+    distill_from: str = "emb"
     # Teacher word vectors: the top N words per language (wordfreq) join the word table; every row of it
     # with a vector is pulled towards a learned projection of that vector (weight below), so a word no
     # training text used still lands where its teacher neighbours are. 0: off. Only with a teacher.
@@ -249,7 +252,10 @@ def fit_net(
     t_all: torch.Tensor | None = None
     if teacher is not None and cfg.distill_weight > 0:
         # A linear map from the exported kNN embedding: what it must carry of the teacher's space.
-        distill_head = torch.nn.Linear(net.cfg.proj_dim, teacher.shape[1])
+        if cfg.distill_from not in {"emb", "feats"}:
+            raise ValueError(f"distill_from {cfg.distill_from!r}: expected 'emb' or 'feats'")
+        width = net.cfg.proj_dim if cfg.distill_from == "emb" else 4 * net.cfg.hidden + net.cfg.bag_dim
+        distill_head = torch.nn.Linear(width, teacher.shape[1])
         dense += list(distill_head.parameters())
         t_all = torch.from_numpy(np.ascontiguousarray(teacher, dtype=np.float32))
     q_all: torch.Tensor | None = None
@@ -324,14 +330,15 @@ def fit_net(
                 hit = (torch.rand(words.shape, generator=gen) < cfg.word_dropout) & (words > 0)
                 words = words.masked_fill(hit, UNK)
             y = y_all[batch]
-            logits, le, lb, emb, tag_logits, _ = net.forward_train(chars, words, grams)
+            logits, le, lb, emb, tag_logits, pooled = net.forward_train(chars, words, grams)
             inside = y >= 0
             loss = emb.sum() * 0.0
             if distill_head is not None and t_all is not None and (cfg.distill_oos or bool(inside.any())):
                 # distill_oos=False leaves out-of-scope rows out (the teacher puts "how do I descale the
                 # kettle" next to "turn on the kettle"); measured on val it did worse than distilling all.
                 rows_t = slice(None) if cfg.distill_oos else inside
-                pred = F.normalize(distill_head(emb[rows_t]), dim=1)
+                source = emb if cfg.distill_from == "emb" else pooled
+                pred = F.normalize(distill_head(source[rows_t]), dim=1)
                 target = t_all[batch][rows_t]
                 loss = loss + cfg.distill_weight * (1.0 - (pred * target).sum(dim=1)).mean()
             if word_head is not None and w_all is not None and w_ids is not None and len(w_ids):
