@@ -261,12 +261,14 @@ def fit_net(
     q_all: torch.Tensor | None = None
     if teacher is not None and cfg.soft_label_weight > 0:
         if cfg.soft_label_kind == "linear":
-            q = teacher_linear_soft_labels(teacher, labels, n_classes, cfg.soft_label_c, cfg.soft_label_folds)
+            soft = teacher_linear_soft_labels(
+                teacher, labels, n_classes, cfg.soft_label_c, cfg.soft_label_folds
+            )
         elif cfg.soft_label_kind == "knn":
-            q = teacher_soft_labels(teacher, labels, n_classes, cfg.soft_label_k, cfg.soft_label_tau)
+            soft = teacher_soft_labels(teacher, labels, n_classes, cfg.soft_label_k, cfg.soft_label_tau)
         else:
             raise ValueError(f"soft_label_kind {cfg.soft_label_kind!r}: expected 'knn' or 'linear'")
-        q_all = torch.from_numpy(q)
+        q_all = torch.from_numpy(soft)
     word_head: torch.nn.Linear | None = None
     w_all: torch.Tensor | None = None
     w_ids: torch.Tensor | None = None

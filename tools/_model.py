@@ -130,9 +130,14 @@ class ServingNet(nn.Module):
     nodes and a one-thread run from about 170 to 145 µs (random weights, the catalog's val texts).
     """
 
+    conv_w: torch.Tensor
+    conv_b: torch.Tensor
+
     def __init__(self, net: Net) -> None:
         super().__init__()
         self.net = net
+        # The trained convolutions, typed (a ModuleList yields Modules); they stay registered under net.
+        self.convs: list[nn.Conv1d] = [c for c in net.convs if isinstance(c, nn.Conv1d)]
         widths = tuple(net.cfg.conv_widths)
         self.merged = all(k % 2 == 1 for k in widths)
         with torch.no_grad():
@@ -140,10 +145,12 @@ class ServingNet(nn.Module):
                 kmax = max(widths)
                 weights = [
                     F.pad(conv.weight, ((kmax - k) // 2, (kmax - k) // 2))
-                    for conv, k in zip(net.convs, widths, strict=True)
+                    for conv, k in zip(self.convs, widths, strict=True)
                 ]
                 self.register_buffer("conv_w", torch.cat(weights, 0).unsqueeze(2).clone())
-                self.register_buffer("conv_b", torch.cat([c.bias for c in net.convs]).clone())
+                self.register_buffer(
+                    "conv_b", torch.cat([c.bias for c in self.convs if c.bias is not None]).clone()
+                )
                 self.pad = kmax // 2
 
     def _char_feats(self, chars: torch.Tensor) -> torch.Tensor:
@@ -154,7 +161,7 @@ class ServingNet(nn.Module):
         return torch.cat(
             [
                 torch.relu(F.conv2d(x, c.weight.unsqueeze(2), c.bias, padding=(0, k // 2))).amax(dim=3)
-                for c, k in zip(self.net.convs, self.net.cfg.conv_widths, strict=True)
+                for c, k in zip(self.convs, self.net.cfg.conv_widths, strict=True)
             ],
             dim=1,
         )  # [B, C, W]
