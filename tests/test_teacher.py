@@ -81,6 +81,8 @@ def test_text_fields_take_overrides_as_written() -> None:
     assert cfg.soft_label_kind == "linear" and cfg.soft_label_weight == 0.5
     with pytest.raises(ValueError, match="must be a number"):
         trainer.config_from_overrides(["soft_label_weight=lots"])
+    with pytest.raises(ValueError, match="distill_from"):  # a text field still has its choices
+        trainer.config_from_overrides(["distill_from=logits"])
 
 
 def test_unknown_soft_label_kind_is_refused() -> None:

@@ -7,6 +7,7 @@ import os
 import random
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Literal
 
 import msgspec
 import numpy as np
@@ -56,7 +57,7 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     distill_oos: bool = True  # distil out-of-scope rows too (val: better than in-scope only, RANKER.md)
     # What the distillation head reads: "emb" (the 64-d kNN projection) or "feats" (the pooled encoder
     # and n-gram features under it, 4H + bag_dim, which the classifier heads read too).
-    distill_from: str = "emb"
+    distill_from: Literal["emb", "feats"] = "emb"
     # Teacher word vectors: the top N words per language (wordfreq) join the word table; every row of it
     # with a vector is pulled towards a learned projection of that vector (weight below), so a word no
     # training text used still lands where its teacher neighbours are. 0: off. Only with a teacher.
@@ -72,7 +73,7 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # training rows, cross-fitted (each row's target comes from the folds it is not in), L2 like
     # scikit-learn's C; its class probabilities are the target. The frozen teacher with such a head
     # reaches 96.4 % on CLINC150's val split (4 s per fit), where the student is at 94-95 %.
-    soft_label_kind: str = "knn"
+    soft_label_kind: Literal["knn", "linear"] = "knn"
     soft_label_c: float = 100.0
     soft_label_folds: int = 5
     # Clean/noisy consistency: for a row the augmentation changed (same word count), the prediction and
@@ -251,7 +252,8 @@ def fit_net(
     distill_head: torch.nn.Linear | None = None
     t_all: torch.Tensor | None = None
     if teacher is not None and cfg.distill_weight > 0:
-        # A linear map from the exported kNN embedding: what it must carry of the teacher's space.
+        # A linear map from the kNN embedding (or the pooled features under it): what it must carry of
+        # the teacher's space. TrainConfig(...) built in code is not validated, so check the choice here.
         if cfg.distill_from not in {"emb", "feats"}:
             raise ValueError(f"distill_from {cfg.distill_from!r}: expected 'emb' or 'feats'")
         width = net.cfg.proj_dim if cfg.distill_from == "emb" else 4 * net.cfg.hidden + net.cfg.bag_dim

@@ -509,7 +509,8 @@ def config_from_overrides(overrides: list[str], word_vectors: int | None = None)
         key, sep, value = item.partition("=")
         if not sep or key not in fields:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
-        if isinstance(fields[key], str):  # a text field takes the text as written (no JSON quotes)
+        if isinstance(fields[key], str):  # a text field takes the text as written (no JSON quotes);
+            # msgspec.convert below checks it against the field's choices
             fields[key] = value
             continue
         try:
