@@ -226,3 +226,112 @@ def test_service_imports_no_torch_and_no_teacher() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
     )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_transfer_variants_are_new_deterministic_and_in_script() -> None:
+    from tools._transfer import variants  # noqa: PLC0415
+
+    texts = ["turn on the kitchen light", "включи свет на кухне", "what time is it", "стоп"]
+    drawn = variants(texts, 3, seed=5, p_drop=0.2, p_swap=0.3, p_ngram=0.3)
+    assert drawn == variants(texts, 3, seed=5, p_drop=0.2, p_swap=0.3, p_ngram=0.3)
+    assert drawn != variants(texts, 3, seed=6, p_drop=0.2, p_swap=0.3, p_ngram=0.3)
+    made = [v.text for v in drawn]
+    assert len(set(made)) == len(made) and not set(made) & set(texts)
+    assert all(0 <= v.source < len(texts) for v in drawn)
+    assert all(len(v.positions) == len(v.text.split()) for v in drawn)
+    cyr = set("включи свет на кухне стоп".split())
+    lat = set("turn on the kitchen light what time is it".split())
+    for i, text, _ in drawn:  # a swapped word comes from the same script's words
+        assert set(text.split()) <= (cyr if i in {1, 3} else lat), text
+    assert sum(v.source == 0 for v in drawn) == 3  # a long text always finds three new variants
+
+
+def test_teacher_classifier_spreads_the_out_of_scope_class() -> None:
+    from tools._transfer import teacher_classifier_probs  # noqa: PLC0415
+
+    rng = np.random.default_rng(4)
+    centres = np.eye(4, dtype=np.float32) * 4.0
+    labels = [i % 3 for i in range(60)] + [-1] * 20
+    x = np.vstack([centres[[i % 3 for i in range(60)]], np.repeat(centres[3:], 20, axis=0)])
+    x = x + rng.standard_normal(x.shape).astype(np.float32) * 0.3
+    queries = np.vstack([centres[1], centres[3]])
+    p = teacher_classifier_probs(x, labels, 3, queries, c=100.0)
+    assert p.shape == (2, 3) and np.allclose(p.sum(axis=1), 1.0, atol=1e-5)
+    assert p[0, 1] > 0.9  # a query in intent 1's cluster
+    assert np.allclose(p[1], 1 / 3, atol=0.05)  # out-of-scope: its mass spread over every intent
+
+
+def test_transfer_set_teaches_the_teacher_classifier(tmp_path: Path) -> None:
+    """With the transfer set the student's softmax on the variants is closer to the teacher
+    classifier's distribution than without it (same seed, same data otherwise)."""
+    from skill.features import Featurizer, build_vocab  # noqa: PLC0415
+    from tools._loop import fit_net, predict  # noqa: PLC0415
+    from tools._transfer import TransferSet, teacher_classifier_probs, variants  # noqa: PLC0415
+
+    catalog = load_catalog(write_tiny_catalog(tmp_path / "catalog"))
+    train, _ = rows_from_catalog(catalog)
+    names = sorted({r.intent for r in train if r.intent != "oos"})
+    texts = [r.text.lower() for r in train]
+    labels = [names.index(r.intent) if r.intent in names else -1 for r in train]
+    raw, _ = embed_cached(HashTeacher(), texts, tmp_path / "cache")
+    teacher = targets(raw)
+    drawn = [v.text for v in variants(texts, 3, seed=1)]
+    v_raw, _ = embed_cached(HashTeacher(), drawn, tmp_path / "cache")
+    v = v_raw - raw.mean(axis=0, keepdims=True)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    probs = teacher_classifier_probs(teacher, labels, len(names), v, c=10.0)
+    transfer = TransferSet(texts=drawn, teacher=v, probs=probs)
+    feat = Featurizer(build_vocab(texts))
+
+    def kl(per_row: int) -> float:
+        cfg = TrainConfig(
+            epochs=15, ema_decay=0.0, word_vectors=0, transfer_per_row=per_row, transfer_share=1.0
+        )
+        net = fit_net(
+            feat,
+            texts,
+            labels,
+            len(names),
+            seed=3,
+            cfg=cfg,
+            teacher=teacher,
+            transfer=transfer,
+            progress=False,
+        )
+        p, _ = predict(net, feat, drawn)
+        return float((probs * (np.log(probs.clip(1e-8)) - np.log(p.clip(1e-8)))).sum(axis=1).mean())
+
+    without, with_transfer = kl(0), kl(3)
+    assert with_transfer < 0.7 * without, (without, with_transfer)
+
+
+def test_teacher_neighbours_bring_unseen_words_into_variants() -> None:
+    from tools._transfer import teacher_neighbours, variants  # noqa: PLC0415
+
+    words = ["light", "lamp", "свет", "лампа", "illuminate", "{device}", "fan"]
+    table = np.array(
+        [[1, 0.1, 0], [0.9, 0.3, 0], [1, 0.1, 0.05], [0.9, 0.3, 0.1], [0.95, 0.2, 0], [0, 0, 0], [0, 0, 1]],
+        dtype=np.float32,
+    )
+    near = teacher_neighbours(words, table, sources=3, k=2)
+    assert set(near) == {"light", "lamp", "свет"}  # sources only; a placeholder has no vector
+    assert near["light"] == ["illuminate", "lamp"]  # nearest first, never itself
+    assert near["свет"] == ["лампа"]  # same script only
+    drawn = variants(["turn on the Light!"], 20, seed=3, p_drop=0.0, p_swap=1.0, p_ngram=0.0, neighbours=near)
+    assert any("illuminate" in v.text for v in drawn)  # a word no training text used enters a sentence
+
+
+def test_spans_follow_the_words_into_a_variant() -> None:
+    from tools._transfer import Variant, carry_spans  # noqa: PLC0415
+
+    src = "add oat milk and eggs to my list!"
+    spans = ((4, 12, "item"), (17, 21, "item"))  # "oat milk", "eggs"
+    # "oat" dropped, "milk" kept, "and" swapped for "plus", "eggs" kept, then "to my list!" dropped
+    v = Variant(0, "add milk plus eggs", (0, 2, 3, 4))
+    assert carry_spans(src, spans, v) == ((4, 8, "item"), (14, 18, "item"))
+    # A word swapped inside a span is all in it; two words of one span stay one span.
+    v = Variant(0, "oat butter", (1, 2))
+    assert carry_spans(src, spans, v) == ((0, 10, "item"),)
+    # Punctuation glued to a spanned word stays out of the span.
+    assert carry_spans("play Queen!", ((5, 10, "artist"),), Variant(0, "Queen!", (1,))) == ((0, 5, "artist"),)
+    assert carry_spans(src, spans, Variant(0, "my list!", (6, 7))) == ()

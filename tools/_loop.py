@@ -23,6 +23,7 @@ from skill.features import UNK, Featurizer
 
 from ._augment import augment, augment_tagged, span_pool, swap_spans
 from ._model import Net, NetConfig, supcon_loss
+from ._transfer import TransferSet
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -80,6 +81,19 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # kNN embedding of the noisy text are pulled towards the network's own, gradient-free view of the
     # clean text (KL + cosine), so a typo lands where its clean sentence does. 0: off.
     consistency_weight: float = 0.0
+    # Transfer-set distillation (tools/_transfer.py): per training text this many variants (words
+    # dropped or swapped, n-grams), labelled by a softmax regression on the teacher's embeddings; the
+    # student learns their class distribution (soft cross-entropy at ``transfer_weight``, its branches
+    # at ``branch_weight`` of that) and their teacher embedding. ``transfer_share`` of the variants
+    # join each epoch (a fresh draw each time). 0: off. Only with a teacher.
+    transfer_per_row: int = 0
+    transfer_weight: float = 1.0
+    transfer_share: float = 0.5
+    # What a swapped word becomes: "corpus" (a word of the training texts, same script) or "teacher"
+    # (one of its ``transfer_neighbours`` nearest words by teacher word vectors, the frequent words
+    # training never used among them; their rows of the word table follow the learned map each epoch).
+    transfer_swap: Literal["corpus", "teacher"] = "corpus"
+    transfer_neighbours: int = 5
 
 
 def teacher_soft_labels(  # noqa: PLR0917 - arrays of one training run and its two settings
@@ -160,12 +174,17 @@ def teacher_linear_soft_labels(  # noqa: PLR0917 - arrays of one training run an
 
 
 def _batches(
-    feat: Featurizer, texts: Sequence[str], batch_size: int, rng: random.Random | None
+    feat: Featurizer,
+    texts: Sequence[str],
+    batch_size: int,
+    rng: random.Random | None,
+    rows: Sequence[int] | None = None,
 ) -> list[list[int]]:
-    """Index batches whose utterances have the same word count (so no padding reaches the BiLSTM)."""
+    """Index batches whose utterances have the same word count (so no padding reaches the BiLSTM);
+    ``rows``: only these indices of ``texts`` (default: all)."""
     groups: dict[int, list[int]] = defaultdict(list)
-    for i, text in enumerate(texts):
-        groups[feat.n_tokens(text)].append(i)
+    for i in range(len(texts)) if rows is None else rows:
+        groups[feat.n_tokens(texts[i])].append(i)
     out: list[list[int]] = []
     for n in sorted(groups):
         idx = groups[n]
@@ -225,6 +244,7 @@ def fit_net(
     n_tags: int = 0,
     teacher: np.ndarray | None = None,
     word_targets: np.ndarray | None = None,
+    transfer: TransferSet | None = None,
 ) -> Net:
     """Train a fresh :class:`Net` on canonicalized texts; label -1 marks out-of-scope rows.
 
@@ -236,6 +256,8 @@ def fit_net(
     ``word_targets`` [n_words, D] are teacher word vectors per word id (all-zero rows: none): a linear
     map (not exported) from them to the word table is learned on the words training used (their rows
     are pulled towards it), and at the end it fills the rows of the words training never used.
+    ``transfer`` (with a teacher and ``cfg.transfer_per_row`` > 0): unlabelled variants with the
+    teacher's class distribution and embedding; they join the batches as rows of label -2.
     """
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, min(cfg.threads, 2)))
@@ -247,6 +269,18 @@ def fit_net(
         NetConfig(vocab.n_chars, vocab.n_words, vocab.n_ngrams, n_classes, hidden=cfg.hidden, n_tags=n_tags)
     )
     row_tags: list[list[int] | None] = list(tags) if n_tags and tags is not None else [None] * len(texts)
+    n_base = len(texts)
+    p_all: torch.Tensor | None = None
+    if transfer is not None and teacher is not None and cfg.transfer_per_row > 0 and transfer.texts:
+        n_extra = len(transfer.texts)
+        texts = [*texts, *transfer.texts]
+        extra_tags = transfer.tags if n_tags and transfer.tags is not None else [None] * n_extra
+        row_tags = [*row_tags, *extra_tags]
+        probs = np.zeros((n_base + n_extra, n_classes), dtype=np.float32)
+        probs[n_base:] = transfer.probs
+        p_all = torch.from_numpy(probs)
+    extra_rows = list(range(n_base, len(texts)))
+    n_draw = round(len(extra_rows) * min(1.0, max(0.0, cfg.transfer_share)))
     sparse_ids = {id(p) for p in net.sparse_parameters()}
     dense = [p for p in net.parameters() if id(p) not in sparse_ids]
     distill_head: torch.nn.Linear | None = None
@@ -259,7 +293,8 @@ def fit_net(
         width = net.cfg.proj_dim if cfg.distill_from == "emb" else 4 * net.cfg.hidden + net.cfg.bag_dim
         distill_head = torch.nn.Linear(width, teacher.shape[1])
         dense += list(distill_head.parameters())
-        t_all = torch.from_numpy(np.ascontiguousarray(teacher, dtype=np.float32))
+        t_np = teacher if p_all is None or transfer is None else np.concatenate([teacher, transfer.teacher])
+        t_all = torch.from_numpy(np.ascontiguousarray(t_np, dtype=np.float32))
     q_all: torch.Tensor | None = None
     if teacher is not None and cfg.soft_label_weight > 0:
         if cfg.soft_label_kind == "linear":
@@ -270,7 +305,7 @@ def fit_net(
             soft = teacher_soft_labels(teacher, labels, n_classes, cfg.soft_label_k, cfg.soft_label_tau)
         else:
             raise ValueError(f"soft_label_kind {cfg.soft_label_kind!r}: expected 'knn' or 'linear'")
-        q_all = torch.from_numpy(soft)
+        q_all = torch.from_numpy(np.pad(soft, ((0, len(texts) - n_base), (0, 0))))
     word_head: torch.nn.Linear | None = None
     w_all: torch.Tensor | None = None
     w_ids: torch.Tensor | None = None
@@ -287,7 +322,7 @@ def fit_net(
         torch.optim.AdamW(dense, lr=cfg.lr, weight_decay=cfg.weight_decay),
         torch.optim.SparseAdam(net.sparse_parameters(), lr=cfg.lr),
     ]
-    steps_per_epoch = len(_batches(feat, texts, cfg.batch_size, None))
+    steps_per_epoch = len(_batches(feat, texts, cfg.batch_size, None, [*range(n_base), *extra_rows[:n_draw]]))
     total = max(1, cfg.epochs * steps_per_epoch)
     warm = max(1, total // 20)
 
@@ -296,7 +331,7 @@ def fit_net(
         return min((step + 1) / warm, max(0.02, 1.0 - step / total))
 
     scheds = [torch.optim.lr_scheduler.LambdaLR(opt, lr_at) for opt in opts]
-    y_all = torch.tensor(list(labels), dtype=torch.long)
+    y_all = torch.tensor([*labels, *([-2] * (len(texts) - n_base))], dtype=torch.long)
     params = list(net.parameters())
     shadow: list[torch.Tensor] | None = None
     step_no = 0
@@ -307,16 +342,19 @@ def fit_net(
     pool = span_pool(
         [
             (int(lab), t.split(), tg)
-            for t, tg, lab, ok in zip(texts, row_tags, labels, tagged_ok, strict=True)
+            for t, tg, lab, ok in zip(texts, row_tags, y_all.tolist(), tagged_ok, strict=True)
             if ok and tg
         ]
     )
     bar = tqdm(total=cfg.epochs, desc="train", unit="epoch", disable=not progress)
     for epoch in range(cfg.epochs):
+        if epoch and extra_rows and word_head is not None and w_all is not None and w_extra is not None:
+            with torch.no_grad():  # variants use untrained words: give them the map's vector meanwhile
+                net.word_emb.weight[w_extra] = word_head(w_all[w_extra])
         net.train()
         noisy: list[str] = []
         noisy_tags: list[list[int] | None] = []
-        for t, tg, lab, ok in zip(texts, row_tags, labels, tagged_ok, strict=True):
+        for t, tg, lab, ok in zip(texts, row_tags, y_all.tolist(), tagged_ok, strict=True):
             if not ok or tg is None:
                 noisy.append(augment(t, rng, cfg.augment_rate))
                 noisy_tags.append(None)
@@ -326,7 +364,8 @@ def fit_net(
                 noisy.append(" ".join(words_t))
                 noisy_tags.append(tg2)
         loss_sum, n_seen = 0.0, 0
-        for batch in _batches(feat, noisy, cfg.batch_size, rng):
+        active = [*range(n_base), *(rng.sample(extra_rows, n_draw) if n_draw else [])]
+        for batch in _batches(feat, noisy, cfg.batch_size, rng, active):
             chars, words, grams = _tensors(feat, [noisy[i] for i in batch])
             if cfg.ngram_dropout > 0:
                 grams = grams.masked_fill(torch.rand(grams.shape, generator=gen) < cfg.ngram_dropout, 0)
@@ -372,10 +411,21 @@ def fit_net(
                         loss
                         - cfg.soft_label_weight * (q * F.log_softmax(logits[inside], dim=1)).sum(1).mean()
                     )
-            if bool((~inside).any()) and cfg.oe_weight > 0:
-                loss = loss - cfg.oe_weight * F.log_softmax(logits[~inside], dim=1).mean()
-            if len(batch) > 1:
-                loss = loss + cfg.supcon_weight * supcon_loss(emb, y, cfg.supcon_tau)
+            soft_rows = y == -2
+            if p_all is not None and bool(soft_rows.any()):
+                p = p_all[batch][soft_rows]
+                soft_ce = -(p * F.log_softmax(logits[soft_rows], dim=1)).sum(1).mean()
+                soft_ce = soft_ce + cfg.branch_weight * (
+                    -(p * F.log_softmax(le[soft_rows], dim=1)).sum(1).mean()
+                    - (p * F.log_softmax(lb[soft_rows], dim=1)).sum(1).mean()
+                )
+                loss = loss + cfg.transfer_weight * soft_ce
+            oos_rows = y == -1
+            if bool(oos_rows.any()) and cfg.oe_weight > 0:
+                loss = loss - cfg.oe_weight * F.log_softmax(logits[oos_rows], dim=1).mean()
+            labelled = ~soft_rows  # the variants have no label: not part of the contrast
+            if int(labelled.sum()) > 1:
+                loss = loss + cfg.supcon_weight * supcon_loss(emb[labelled], y[labelled], cfg.supcon_tau)
             if cfg.consistency_weight > 0:
                 loss = loss + cfg.consistency_weight * _consistency(
                     net, feat, texts, noisy, batch, logits, emb

@@ -47,6 +47,7 @@ from ._data import (
 from ._loop import TrainConfig, fit_net
 from ._teacher import Teacher, embed_cached, linear_cka, load_teacher, teacher_word_vectors
 from ._teacher import targets as teacher_targets
+from ._transfer import TransferSet, carry_spans, teacher_classifier_probs, teacher_neighbours, variants
 from .export import export_int8, run_batched, session
 
 __all__ = ["DataError", "Row", "TrainConfig", "main", "rows_from_catalog", "rows_from_jsonl", "train_model"]
@@ -305,6 +306,57 @@ def _intent_infos(prep: Prepared, catalog: Catalog) -> list[IntentInfo]:
     return out
 
 
+def _transfer_set(  # noqa: PLR0917 - one call site, the training run's own objects
+    teacher: Teacher,
+    prep: Prepared,
+    sources: list[Row],
+    t_emb: np.ndarray,
+    t_targets: np.ndarray,
+    canon: Canonicalizer,
+    cfg: TrainConfig,
+    cache: Path | None,
+    neighbours: dict[str, list[str]] | None = None,
+    tagging: tuple[list[str], Catalog] | None = None,
+) -> tuple[TransferSet, dict[str, object]]:
+    """Variants of the raw training texts (``sources``, one row per training text; tools/_transfer.py),
+    embedded by the teacher (cached), in the model's text, with the teacher classifier's class
+    distribution and, with ``tagging`` (tag names, catalog), the source's spans carried over as BIO
+    labels; variants whose model text is empty or a training text are left out (a training text has
+    its label)."""
+    t0 = time.monotonic()
+    drawn = variants([r.text for r in sources], cfg.transfer_per_row, neighbours=neighbours)
+    emb, stats = embed_cached(teacher, [v.text for v in drawn], cache)
+    centred = emb - t_emb.mean(axis=0, keepdims=True)  # the training rows' centre, as their targets
+    centred /= np.linalg.norm(centred, axis=1, keepdims=True).clip(min=1e-9)
+    known = set(prep.train_texts)
+    keep, texts, tags = [], [], []
+    for j, v in enumerate(drawn):
+        src = sources[v.source]
+        masked = model_text(canon.canonicalize(v.text, locale=src.locale or None))
+        if not masked.strip() or masked in known:
+            continue
+        keep.append(j)
+        texts.append(masked)
+        labels: list[int] | None = None
+        if tagging is not None and src.spans is not None:
+            row = Row(v.text, src.intent, src.locale, spans=carry_spans(src.text, src.spans, v))
+            labels = _tag_labels([row], canon, *tagging).get(masked)
+        tags.append(labels)
+    probs = teacher_classifier_probs(
+        t_targets, prep.train_labels, len(prep.intents), centred[keep], cfg.soft_label_c
+    )
+    info: dict[str, object] = {
+        "variants": len(drawn),
+        "kept": len(keep),
+        "tagged": sum(t is not None for t in tags),
+        **stats,
+        "mean_top_prob": round(float(probs.max(axis=1).mean()), 4) if keep else None,
+        "sample": [drawn[j].text for j in keep[:: max(1, len(keep) // 6)][:6]],
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    return TransferSet(texts=texts, teacher=centred[keep], probs=probs, tags=tags), info
+
+
 def train_model(
     train_rows: list[Row],
     val_rows: list[Row],
@@ -334,12 +386,14 @@ def train_model(
     teacher_model = load_teacher(teacher) if teacher else None
     t_targets: np.ndarray | None = None
     teacher_info: dict[str, object] | None = None
+    transfer: TransferSet | None = None
+    t_emb: np.ndarray | None = None
+    row_of: dict[str, Row] = {}
+    for row, masked in train:
+        row_of.setdefault(masked, row)
     if teacher_model is not None:
         t0 = time.monotonic()
-        raw_of: dict[str, str] = {}
-        for row, masked in train:
-            raw_of.setdefault(masked, row.text)
-        t_emb, stats = embed_cached(teacher_model, [raw_of[m] for m in prep.train_texts], teacher_cache)
+        t_emb, stats = embed_cached(teacher_model, [row_of[m].text for m in prep.train_texts], teacher_cache)
         t_targets = teacher_targets(t_emb)
         teacher_info = {"name": teacher_model.name, "dim": teacher_model.dim, **stats}
         teacher_info["seconds"] = round(time.monotonic() - t0, 1)
@@ -353,6 +407,34 @@ def train_model(
         if teacher_info is not None:
             teacher_info["word_vectors"] = wv_info
         _LOGGER.info("teacher word vectors: %s", wv_info)
+    if (
+        teacher_model is not None
+        and teacher_info is not None
+        and t_emb is not None
+        and t_targets is not None
+        and cfg.transfer_per_row > 0
+    ):
+        neighbours = None
+        if cfg.transfer_swap == "teacher" and word_targets is not None:
+            neighbours = teacher_neighbours(
+                [*vocab.words, *vocab.extra_words],
+                word_targets[2:],
+                len(vocab.words),
+                cfg.transfer_neighbours,
+            )
+        transfer, teacher_info["transfer"] = _transfer_set(
+            teacher_model,
+            prep,
+            [row_of[m] for m in prep.train_texts],
+            t_emb,
+            t_targets,
+            canon,
+            cfg,
+            teacher_cache,
+            neighbours,
+            (tags, catalog) if labelled else None,
+        )
+        _LOGGER.info("teacher transfer set: %s", teacher_info["transfer"])
     feat = Featurizer(vocab)
     net = fit_net(
         feat,
@@ -366,6 +448,7 @@ def train_model(
         n_tags=len(tags) if labelled else 0,
         teacher=t_targets,
         word_targets=word_targets,
+        transfer=transfer,
     )
     train_seconds = time.monotonic() - started
 
