@@ -335,3 +335,16 @@ def test_spans_follow_the_words_into_a_variant() -> None:
     # Punctuation glued to a spanned word stays out of the span.
     assert carry_spans("play Queen!", ((5, 10, "artist"),), Variant(0, "Queen!", (1,))) == ((0, 5, "artist"),)
     assert carry_spans(src, spans, Variant(0, "my list!", (6, 7))) == ()
+
+
+def test_transfer_variants_keep_negations_and_do_not_move_with_other_texts() -> None:
+    from tools._transfer import NEGATIONS, variants  # noqa: PLC0415
+
+    texts = ["stop the timer but don't clear it", "не выключай свет в спальне", "turn off the light"]
+    knobs = {"p_drop": 0.4, "p_swap": 0.4, "p_ngram": 0.6}
+    drawn = variants(texts, 20, seed=2, **knobs)  # type: ignore[arg-type]
+    for v in drawn:  # never dropped, swapped out or in, or cut away
+        negs = [w for w in v.text.split() if w in NEGATIONS]
+        assert len(negs) == sum(w in NEGATIONS for w in texts[v.source].split()), v
+    more = variants(["set an alarm for seven", *texts], 20, seed=2, **knobs)  # type: ignore[arg-type]
+    assert [v.text for v in drawn if v.source == 1] == [v.text for v in more if v.source == 2]

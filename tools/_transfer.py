@@ -13,8 +13,9 @@ intents, which is what outlier exposure asks of such a row. The student learns t
 (and the teacher's embedding of the variant) next to its labelled rows; the variants have no label of
 their own, so they take no part in the hard cross-entropy, the contrastive loss or the tagger.
 
-Variants are drawn with a fixed seed of their own, so every training seed reuses the same cached
-teacher embeddings.
+Variants are drawn with a fixed seed of their own and the text (not the training seed), so every
+training seed, and a retrain after a catalog edit, reuses the cached teacher embeddings of the texts
+that did not change.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ _CYR = frozenset("абвгдеёжзийклмнопрстуфхцчшщъыьэ
 
 def _script(word: str) -> str:
     return "cyr" if any(ch in _CYR for ch in word.lower()) else "lat"
+
+
+# Words that turn a request around ("stop the timer but don't clear it"): a variant never drops, swaps
+# or cuts them away, because the teacher reads topic, not polarity, and would label what is left.
+NEGATIONS = frozenset(
+    "not no don't dont never без не нет ни нельзя".split() + "doesn't isn't won't can't cannot".split()
+)
 
 
 def _norm(word: str) -> str:
@@ -109,10 +117,11 @@ def variants(  # noqa: PLR0917 - the generator's knobs, all with Tang et al.'s d
     Each word is dropped with probability ``p_drop`` or replaced, with probability ``p_swap``, by a
     word drawn from the corpus's words of the same script (in proportion to their counts), or, when
     ``neighbours`` has the word (normalized), by one of its neighbours there; then, with
-    probability ``p_ngram``, one n-gram (1 to ``max_ngram`` words) of the result is kept. A variant
+    probability ``p_ngram``, one n-gram (1 to ``max_ngram`` words) of the result is kept. A negation
+    (:data:`NEGATIONS`) is never dropped, swapped in or out, or cut away; the random draws are the same whether a
+    text has one or not. Each text's draws are seeded by the seed and the text. A variant
     equal to any input text, to an earlier variant, or empty is drawn again (``tries`` times).
     """
-    rng = random.Random(seed)
     pools: dict[str, list[str]] = {"cyr": [], "lat": []}
     for text in texts:
         for w in text.split():
@@ -123,25 +132,32 @@ def variants(  # noqa: PLR0917 - the generator's knobs, all with Tang et al.'s d
         words = text.split()
         if not words:
             continue
+        # Seeded by the text itself: its variants (and their cached teacher embeddings) do not move when
+        # other texts are added, removed or drawn differently.
+        rng = random.Random(f"{seed}\0{text}")
         for _ in range(per_text):
             for _attempt in range(tries):
                 new: list[str] = []
                 pos: list[int] = []
                 for j, w in enumerate(words):
                     r = rng.random()
-                    if r < p_drop:
+                    if r < p_drop and _norm(w) not in NEGATIONS:
                         continue
                     pos.append(j)
-                    if r >= p_drop + p_swap:
+                    if r < p_drop or r >= p_drop + p_swap:
                         new.append(w)
                         continue
                     near = neighbours.get(_norm(w)) if neighbours is not None else None
                     pool = near or pools[_script(w)]
-                    new.append(rng.choice(pool) if pool else w)
+                    other = rng.choice(pool) if pool else w
+                    # a negation is neither swapped away nor swapped in (the draw is made either way)
+                    new.append(w if _norm(w) in NEGATIONS or _norm(other) in NEGATIONS else other)
                 if new and rng.random() < p_ngram:
                     n = rng.randint(1, min(max_ngram, len(new)))
                     start = rng.randrange(len(new) - n + 1)
-                    new, pos = new[start : start + n], pos[start : start + n]
+                    cut = [*new[:start], *new[start + n :]]
+                    if not any(_norm(w) in NEGATIONS for w in cut):  # the same draws either way
+                        new, pos = new[start : start + n], pos[start : start + n]
                 candidate = " ".join(new)
                 if candidate and candidate not in seen:
                     seen.add(candidate)
