@@ -118,9 +118,9 @@ def variants(  # noqa: PLR0917 - the generator's knobs, all with Tang et al.'s d
     word drawn from the corpus's words of the same script (in proportion to their counts), or, when
     ``neighbours`` has the word (normalized), by one of its neighbours there; then, with
     probability ``p_ngram``, one n-gram (1 to ``max_ngram`` words) of the result is kept. A negation
-    (:data:`NEGATIONS`) is never dropped, swapped in or out, or cut away; the random draws are the same whether a
-    text has one or not. Each text's draws are seeded by the seed and the text. A variant
-    equal to any input text, to an earlier variant, or empty is drawn again (``tries`` times).
+    (:data:`NEGATIONS`) is never dropped, swapped in or out, or cut away. Each text's draws are seeded
+    by ``seed`` and the text. A variant equal to any input text, to an earlier variant, or empty is
+    drawn again (``tries`` times).
     """
     pools: dict[str, list[str]] = {"cyr": [], "lat": []}
     for text in texts:
