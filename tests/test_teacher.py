@@ -348,3 +348,13 @@ def test_transfer_variants_keep_negations_and_do_not_move_with_other_texts() -> 
         assert len(negs) == sum(w in NEGATIONS for w in texts[v.source].split()), v
     more = variants(["set an alarm for seven", *texts], 20, seed=2, **knobs)  # type: ignore[arg-type]
     assert [v.text for v in drawn if v.source == 1] == [v.text for v in more if v.source == 2]
+
+
+def test_transfer_targets_can_lean_on_the_source_label() -> None:
+    from tools._transfer import mix_source_labels  # noqa: PLC0415
+
+    teacher = np.array([[0.1, 0.9, 0.0], [0.2, 0.2, 0.6]], dtype=np.float32)
+    assert mix_source_labels(teacher, [0, -1], 0.0) is teacher
+    half = mix_source_labels(teacher, [0, -1], 0.5)
+    assert np.allclose(half, [[0.55, 0.45, 0.0], [0.1 + 1 / 6, 0.1 + 1 / 6, 0.3 + 1 / 6]])
+    assert np.allclose(mix_source_labels(teacher, [2, 1], 7.0), [[0, 0, 1], [0, 1, 0]])  # clipped to 1

@@ -94,6 +94,9 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # training never used among them; their rows of the word table follow the learned map each epoch).
     transfer_swap: Literal["corpus", "teacher"] = "corpus"
     transfer_neighbours: int = 5
+    # The share of a variant's target that is its source row's label (one-hot; uniform for an
+    # out-of-scope source) instead of the teacher classifier's distribution. 0: the teacher's alone.
+    transfer_label_mix: float = 0.0
 
 
 def teacher_soft_labels(  # noqa: PLR0917 - arrays of one training run and its two settings

@@ -217,3 +217,16 @@ def teacher_classifier_probs(  # noqa: PLR0917 - arrays of one training run and 
     if has_oos:
         probs = (probs[:, :n_classes] + probs[:, n_classes:] / n_classes).astype(np.float32)
     return probs / probs.sum(axis=1, keepdims=True)
+
+
+def mix_source_labels(probs: np.ndarray, source_labels: Sequence[int], mix: float) -> np.ndarray:
+    """``(1 - mix)`` of the teacher's distribution plus ``mix`` of the source row's own label (one-hot;
+    uniform for an out-of-scope source, label < 0); ``mix`` is clipped to [0, 1]."""
+    mix = min(1.0, max(0.0, mix))
+    if mix == 0 or not len(probs):
+        return probs
+    n = probs.shape[1]
+    src = np.asarray(source_labels, dtype=np.int64)
+    own = np.full_like(probs, 1.0 / n)
+    own[src >= 0] = np.eye(n, dtype=probs.dtype)[src[src >= 0]]
+    return ((1.0 - mix) * probs + mix * own).astype(probs.dtype)

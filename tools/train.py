@@ -47,7 +47,14 @@ from ._data import (
 from ._loop import TrainConfig, fit_net
 from ._teacher import Teacher, embed_cached, linear_cka, load_teacher, teacher_word_vectors
 from ._teacher import targets as teacher_targets
-from ._transfer import TransferSet, carry_spans, teacher_classifier_probs, teacher_neighbours, variants
+from ._transfer import (
+    TransferSet,
+    carry_spans,
+    mix_source_labels,
+    teacher_classifier_probs,
+    teacher_neighbours,
+    variants,
+)
 from .export import export_int8, run_batched, session
 
 __all__ = ["DataError", "Row", "TrainConfig", "main", "rows_from_catalog", "rows_from_jsonl", "train_model"]
@@ -344,6 +351,9 @@ def _transfer_set(  # noqa: PLR0917 - one call site, the training run's own obje
         tags.append(labels)
     probs = teacher_classifier_probs(
         t_targets, prep.train_labels, len(prep.intents), centred[keep], cfg.soft_label_c
+    )
+    probs = mix_source_labels(
+        probs, [prep.train_labels[drawn[j].source] for j in keep], cfg.transfer_label_mix
     )
     info: dict[str, object] = {
         "variants": len(drawn),
