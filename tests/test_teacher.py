@@ -19,6 +19,15 @@ from tools._loop import TrainConfig, teacher_linear_soft_labels, teacher_soft_la
 from tools._teacher import HashTeacher, embed_cached, linear_cka, load_teacher, targets
 
 
+def _tiny_rows(tmp_path: Path) -> tuple[list[str], list[str], list[int]]:
+    """The tiny catalog's training rows: intent names, lower-cased texts, labels (-1: out of scope)."""
+    catalog = load_catalog(write_tiny_catalog(tmp_path / "catalog"))
+    train, _ = rows_from_catalog(catalog)
+    names = sorted({r.intent for r in train if r.intent != "oos"})
+    texts = [r.text.lower() for r in train]
+    return names, texts, [names.index(r.intent) if r.intent in names else -1 for r in train]
+
+
 def test_cache_computes_each_text_once(tmp_path: Path) -> None:
     teacher = HashTeacher()
     first, stats = embed_cached(
@@ -110,11 +119,7 @@ def test_distillation_from_the_pooled_features(tmp_path: Path) -> None:
     from skill.features import Featurizer, build_vocab  # noqa: PLC0415
     from tools._loop import fit_net  # noqa: PLC0415
 
-    catalog = load_catalog(write_tiny_catalog(tmp_path / "catalog"))
-    train, _ = rows_from_catalog(catalog)
-    names = sorted({r.intent for r in train if r.intent != "oos"})
-    texts = [r.text.lower() for r in train]
-    labels = [names.index(r.intent) if r.intent in names else -1 for r in train]
+    names, texts, labels = _tiny_rows(tmp_path)
     teacher, _ = embed_cached(HashTeacher(), texts, tmp_path / "cache")
     feat = Featurizer(build_vocab(texts))
 
@@ -268,11 +273,7 @@ def test_transfer_set_teaches_the_teacher_classifier(tmp_path: Path) -> None:
     from tools._loop import fit_net, predict  # noqa: PLC0415
     from tools._transfer import TransferSet, teacher_classifier_probs, variants  # noqa: PLC0415
 
-    catalog = load_catalog(write_tiny_catalog(tmp_path / "catalog"))
-    train, _ = rows_from_catalog(catalog)
-    names = sorted({r.intent for r in train if r.intent != "oos"})
-    texts = [r.text.lower() for r in train]
-    labels = [names.index(r.intent) if r.intent in names else -1 for r in train]
+    names, texts, labels = _tiny_rows(tmp_path)
     raw, _ = embed_cached(HashTeacher(), texts, tmp_path / "cache")
     teacher = targets(raw)
     drawn = [v.text for v in variants(texts, 3, seed=1)]
