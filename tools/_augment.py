@@ -8,8 +8,13 @@ _LATIN = "abcdefghijklmnopqrstuvwxyz"
 _CYRILLIC = "абвгдежзийклмнопрстуфхцчшщъыьэюя"
 
 
+def is_cyrillic(word: str) -> bool:
+    """Whether a (lower-case) word has a Cyrillic letter: the script a slip or a swap stays in."""
+    return any("а" <= ch <= "я" for ch in word)
+
+
 def _alphabet(word: str) -> str:
-    return _CYRILLIC if any("а" <= ch <= "я" for ch in word) else _LATIN
+    return _CYRILLIC if is_cyrillic(word) else _LATIN
 
 
 def typo(word: str, rng: random.Random) -> str:

@@ -11,7 +11,8 @@ teacher's embeddings of the labelled training rows gives each variant a class di
 out-of-scope class, when the training data has out-of-scope rows, spreads its mass evenly over the
 intents, which is what outlier exposure asks of such a row. The student learns those distributions
 (and the teacher's embedding of the variant) next to its labelled rows; the variants have no label of
-their own, so they take no part in the hard cross-entropy, the contrastive loss or the tagger.
+their own, so they take no part in the hard cross-entropy or the contrastive loss. Their source row's
+slot spans follow the words (:func:`carry_spans`), so the tagger trains on them like on any row.
 
 Variants are drawn with a fixed seed of their own and the text (not the training seed), so every
 training seed, and a retrain after a catalog edit, reuses the cached teacher embeddings of the texts
@@ -28,11 +29,11 @@ from typing import NamedTuple
 import msgspec
 import numpy as np
 
-_CYR = frozenset("абвгдеёжзийклмнопрстуфхцчшщъыьэюя")
+from ._augment import is_cyrillic
 
 
 def _script(word: str) -> str:
-    return "cyr" if any(ch in _CYR for ch in word.lower()) else "lat"
+    return "cyr" if is_cyrillic(word.lower()) else "lat"
 
 
 # Words that turn a request around ("stop the timer but don't clear it"): a variant never drops, swaps
