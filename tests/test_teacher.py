@@ -359,3 +359,37 @@ def test_transfer_targets_can_lean_on_the_source_label() -> None:
     half = mix_source_labels(teacher, [0, -1], 0.5)
     assert np.allclose(half, [[0.55, 0.45, 0.0], [0.1 + 1 / 6, 0.1 + 1 / 6, 0.3 + 1 / 6]])
     assert np.allclose(mix_source_labels(teacher, [2, 1], 7.0), [[0, 0, 1], [0, 1, 0]])  # clipped to 1
+
+
+def test_transfer_agreement_drops_variants_the_teacher_gives_another_intent() -> None:
+    from tools._transfer import agreeing  # noqa: PLC0415
+
+    probs = np.array([[0.1, 0.9], [0.7, 0.3], [0.6, 0.4], [0.5, 0.5]], dtype=np.float32)
+    assert agreeing(probs, [1, 1, 0, -1]).tolist() == [True, False, True, True]
+    assert agreeing(np.zeros((0, 2), dtype=np.float32), []).tolist() == []
+
+
+def test_training_with_an_agreeing_transfer_set_drops_what_the_teacher_relabels(tmp_path: Path) -> None:
+    catalog = load_catalog(write_tiny_catalog(tmp_path / "catalog"))
+    train, val = rows_from_catalog(catalog)
+
+    def run(agree: bool) -> dict:
+        path = trainer.train_model(
+            train,
+            val,
+            tmp_path / f"agree-{agree}",
+            catalog=catalog,
+            progress=False,
+            use_oos_train=True,
+            teacher="hash",
+            teacher_cache=tmp_path / "cache",
+            config=TrainConfig(
+                epochs=2, ema_decay=0.0, word_vectors=0, transfer_per_row=3, transfer_agree=agree
+            ),
+        )
+        return json.loads((path / "metrics.json").read_text(encoding="utf-8"))["teacher"]["transfer"]
+
+    every, agreeing = run(False), run(True)
+    assert every["dropped_disagreeing"] == 0 and agreeing["variants"] == every["variants"]
+    assert agreeing["dropped_disagreeing"] > 0  # a trigram-hash teacher disagrees with some labels
+    assert agreeing["kept"] + agreeing["dropped_disagreeing"] == every["kept"]

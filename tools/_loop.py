@@ -97,6 +97,10 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # The share of a variant's target that is its source row's label (one-hot; uniform for an
     # out-of-scope source) instead of the teacher classifier's distribution. 0: the teacher's alone.
     transfer_label_mix: float = 0.0
+    # Keep only the variants of an in-scope row whose teacher-classifier top intent is the row's own
+    # (the teacher reads topic, not polarity: "stop the timer but don't clear it" cut to "stop the
+    # timer ... clear it" is *cancel* to it; such a variant is dropped rather than taught).
+    transfer_agree: bool = False
 
 
 def teacher_soft_labels(  # noqa: PLR0917 - arrays of one training run and its two settings

@@ -231,3 +231,12 @@ def mix_source_labels(probs: np.ndarray, source_labels: Sequence[int], mix: floa
     own = np.full_like(probs, 1.0 / n)
     own[src >= 0] = np.eye(n, dtype=probs.dtype)[src[src >= 0]]
     return ((1.0 - mix) * probs + mix * own).astype(probs.dtype)
+
+
+def agreeing(probs: np.ndarray, source_labels: Sequence[int]) -> np.ndarray:
+    """A mask over the variants: True where the source is out of scope (label < 0) or the teacher's
+    top class is the source's own label."""
+    src = np.asarray(source_labels, dtype=np.int64)
+    if not len(probs):
+        return np.zeros(0, dtype=bool)
+    return (src < 0) | (probs.argmax(axis=1) == src)

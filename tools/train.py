@@ -49,6 +49,7 @@ from ._teacher import Teacher, embed_cached, linear_cka, load_teacher, teacher_w
 from ._teacher import targets as teacher_targets
 from ._transfer import (
     TransferSet,
+    agreeing,
     carry_spans,
     mix_source_labels,
     teacher_classifier_probs,
@@ -329,7 +330,8 @@ def _transfer_set(  # noqa: PLR0917 - one call site, the training run's own obje
     embedded by the teacher (cached), in the model's text, with the teacher classifier's class
     distribution and, with ``tagging`` (tag names, catalog), the source's spans carried over as BIO
     labels; variants whose model text is empty or a training text are left out (a training text has
-    its label)."""
+    its label), and with ``cfg.transfer_agree`` those the teacher gives another intent than their
+    source's."""
     t0 = time.monotonic()
     drawn = variants([r.text for r in sources], cfg.transfer_per_row, neighbours=neighbours)
     emb, stats = embed_cached(teacher, [v.text for v in drawn], cache)
@@ -352,12 +354,19 @@ def _transfer_set(  # noqa: PLR0917 - one call site, the training run's own obje
     probs = teacher_classifier_probs(
         t_targets, prep.train_labels, len(prep.intents), centred[keep], cfg.soft_label_c
     )
-    probs = mix_source_labels(
-        probs, [prep.train_labels[drawn[j].source] for j in keep], cfg.transfer_label_mix
-    )
+    own = [prep.train_labels[drawn[j].source] for j in keep]
+    disagreeing = 0
+    if cfg.transfer_agree:
+        mask = agreeing(probs, own)
+        disagreeing = int((~mask).sum())
+        chosen = np.nonzero(mask)[0]
+        keep, texts, tags = [keep[i] for i in chosen], [texts[i] for i in chosen], [tags[i] for i in chosen]
+        probs, own = probs[chosen], [own[i] for i in chosen]
+    probs = mix_source_labels(probs, own, cfg.transfer_label_mix)
     info: dict[str, object] = {
         "variants": len(drawn),
         "kept": len(keep),
+        "dropped_disagreeing": disagreeing,
         "tagged": sum(t is not None for t in tags),
         **stats,
         "mean_top_prob": round(float(probs.max(axis=1).mean()), 4) if keep else None,
