@@ -237,6 +237,4 @@ def agreeing(probs: np.ndarray, source_labels: Sequence[int]) -> np.ndarray:
     """A mask over the variants: True where the source is out of scope (label < 0) or the teacher's
     top class is the source's own label."""
     src = np.asarray(source_labels, dtype=np.int64)
-    if not len(probs):
-        return np.zeros(0, dtype=bool)
     return (src < 0) | (probs.argmax(axis=1) == src)

@@ -162,8 +162,8 @@ def top1_agreement(p32: np.ndarray, p8: np.ndarray, tie: float = TIE_MARGIN) -> 
     """(agreement on the rows whose fp32 top-2 margin is at least ``tie``, agreement on every row, the
     number of near-tie rows left out of the first); 1.0 where there is no row to count."""
     same = p32.argmax(axis=1) == p8.argmax(axis=1)
-    top2 = np.sort(p32, axis=1)[:, -2:] if p32.shape[1] > 1 else np.pad(p32, ((0, 0), (1, 0)))
-    decided = (top2[:, 1] - top2[:, 0]) >= tie
+    top2 = np.sort(p32, axis=1)[:, -2:]
+    decided = (top2[:, -1] - top2[:, 0]) >= tie if p32.shape[1] > 1 else np.ones(len(p32), dtype=bool)
     agreement = float(same[decided].mean()) if decided.any() else 1.0
     return agreement, float(same.mean()) if len(same) else 1.0, int((~decided).sum())
 
