@@ -35,6 +35,7 @@ from tools._calib import (
     fit_blend,
     fit_calibration,
     fit_neg_margin,
+    share_weights,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -197,6 +198,33 @@ def test_calibration_is_calibrated() -> None:
     assert isinstance(cal, Calibration)
 
 
+def test_calibration_fitted_for_a_declared_out_of_scope_share() -> None:
+    """Weighting val's out-of-scope rows to a share moves the map's base rate, not its ranking."""
+    rng = np.random.default_rng(2)
+    n_in, n_oos = 3000, 1500  # a third of val out of scope, as after a large negatives pass
+    x_in = rng.normal(0.8, 1.0, size=(n_in, 3))
+    x_oos = rng.normal(-0.8, 1.0, size=(n_oos, 3))
+    x = np.vstack([x_in, x_oos])
+    oos = np.r_[np.zeros(n_in, bool), np.ones(n_oos, bool)]
+    correct = ~oos & (rng.random(n_in + n_oos) < 0.95)
+    w = share_weights(oos, 0.1)
+    assert w is not None
+    assert np.isclose(w[oos].sum() / w.sum(), 0.1) and np.isclose(w.mean(), 1.0)
+    assert share_weights(oos, 0.0) is None and share_weights(np.zeros(5, bool), 0.2) is None
+    plain, weighted = (
+        calibrate(x, fit_calibration(x, correct)),
+        calibrate(x, fit_calibration(x, correct, weights=w)),
+    )
+    # Fitted for a tenth out of scope, in-scope rows are more likely correct than under val's third,
+    # so more of them pass the hub's threshold ...
+    assert weighted[~oos].mean() > plain[~oos].mean() + 0.02
+    assert (weighted[~oos] >= 0.8).sum() > (plain[~oos] >= 0.8).sum()
+    # ... and the weighted map is calibrated on the mix it was fitted for.
+    assert abs(np.average(weighted, weights=w) - np.average(correct, weights=w)) < 0.01
+    # The ranking of rows is the features' either way.
+    assert np.corrcoef(np.argsort(np.argsort(plain)), np.argsort(np.argsort(weighted)))[0, 1] > 0.99
+
+
 def test_neg_margin_is_fitted_where_the_rule_acts() -> None:
     # Out-of-scope rows whose nearest negative is close: half of them already below the accept
     # threshold, where the rule changes nothing, half above it, where only the rule stops them.
@@ -211,6 +239,16 @@ def test_neg_margin_is_fitted_where_the_rule_acts() -> None:
     # cost correct accepts, so it stays off.
     conf_ok = np.array([0.3] * 8 + [0.95] * 8)
     assert fit_neg_margin(neg_gap, gold, correct, conf_ok, accept=0.8) == NEVER_REJECT
+    # One accepted out-of-scope row the rule would stop, but the same margin turns three right-intent
+    # abstentions into rejections: not worth it, the rule stays off.
+    gold2 = np.array([-1] + [0] * 3 + [0] * 4)
+    correct2 = gold2 >= 0
+    gap2 = np.array([0.05] * 4 + [-0.3] * 4)
+    conf2 = np.array([0.9] + [0.6] * 3 + [0.95] * 4)
+    assert fit_neg_margin(gap2, gold2, correct2, conf2, accept=0.8) == NEVER_REJECT
+    # Without those abstentions near a negative, the same out-of-scope accept turns it on.
+    gap3 = np.array([0.05] + [-0.3] * 7)
+    assert fit_neg_margin(gap3, gold2, correct2, conf2, accept=0.8) < 0.05
 
 
 def test_score_batch_features_are_finite() -> None:

@@ -7,7 +7,7 @@ import os
 import random
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 import numpy as np
@@ -101,6 +101,12 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # (the teacher reads topic, not polarity: "stop the timer but don't clear it" cut to "stop the
     # timer ... clear it" is *cancel* to it; such a variant is dropped rather than taught).
     transfer_agree: bool = False
+    # The share of out-of-scope rows the calibration map is fitted for: val's out-of-scope rows are
+    # weighted so that they carry this share of the fit (in-scope rows the rest). The map's base rate is
+    # then a declared property of the traffic rather than of how many negatives the catalog happens to
+    # hold (a negatives pass that grows val's out-of-scope share from 18 to 27 % otherwise makes every
+    # answer more timid). 0: val's own mix.
+    calib_oos_share: Annotated[float, msgspec.Meta(ge=0.0, lt=1.0)] = 0.0
 
 
 def teacher_soft_labels(  # noqa: PLR0917 - arrays of one training run and its two settings

@@ -503,7 +503,9 @@ def train_model(
         )
         infos = _intent_infos(prep, catalog)
         log_prior = log_priors([i.prior for i in infos])
-        blend, cal, neg_margin, fit_report = fit_all(batch, log_prior, k, THRESHOLDS["accept"])
+        blend, cal, neg_margin, fit_report = fit_all(
+            batch, log_prior, k, THRESHOLDS["accept"], cfg.calib_oos_share
+        )
 
         sc = score_batch(val_probs, sims, labels[rows], neg_sims, log_prior, blend, unk)
         conf = calibrate(sc.features, cal)
