@@ -92,6 +92,10 @@ def test_text_fields_take_overrides_as_written() -> None:
         trainer.config_from_overrides(["soft_label_weight=lots"])
     with pytest.raises(ValueError, match="distill_from"):  # a text field still has its choices
         trainer.config_from_overrides(["distill_from=logits"])
+    assert trainer.config_from_overrides(["calib_oos_share=0.2"]).calib_oos_share == 0.2
+    for share in ("1", "1.5", "-0.1"):  # a share of the traffic: at least 0, below 1
+        with pytest.raises(ValueError, match="calib_oos_share"):
+            trainer.config_from_overrides([f"calib_oos_share={share}"])
 
 
 def test_unknown_soft_label_kind_is_refused() -> None:
