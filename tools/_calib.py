@@ -90,11 +90,8 @@ def fit_calibration(
 ) -> Calibration:
     """Standardize the features (columns named ``names``) and fit P(correct | features), rows weighted
     by ``weights`` (see :func:`share_weights`)."""
-    if weights is None:
-        mean, scale = features.mean(axis=0), features.std(axis=0)
-    else:
-        mean = np.average(features, axis=0, weights=weights)
-        scale = np.sqrt(np.average((features - mean) ** 2, axis=0, weights=weights))
+    mean = np.average(features, axis=0, weights=weights)  # weights None: mean and std, to the bit
+    scale = np.sqrt(np.average((features - mean) ** 2, axis=0, weights=weights))
     scale = np.where(scale < 1e-6, 1.0, scale)
     z = (features - mean) / scale
     coef, bias = _logistic(z, correct.astype(np.float64), l2, weights=weights)
