@@ -158,6 +158,9 @@ class Ranker:
         self._tag_slots = {k: set(v) for k, v in config.tag_slots.items()}
         self._tag_raw = set(config.tag_raw_intents)
         self._pattern = re.compile(featurizer.spec.token_pattern)
+        # A network with an out-of-scope output (NetConfig.oos_class) exports the intents' probabilities
+        # only: what they lack of 1 is the mass it gave "no intent", reported in the evidence.
+        self._oos_class = bool(config.net.get("oos_class", False))
 
     @classmethod
     def load(cls, model_dir: Path, *, threads: int = 1) -> Ranker:
@@ -318,6 +321,11 @@ class Ranker:
             "nearest_example_similarity": round(pos_sim, 6),
             "unknown_word_share": round(unk, 4),
             "nearest_negative": nearest_negative,
+            **(
+                {"out_of_scope_share": round(max(0.0, 1.0 - float(probs[0].sum())), 6)}
+                if self._oos_class
+                else {}
+            ),
             "canonicalized_text": canonical.masked,
             "model_id": self.model_id,
         }

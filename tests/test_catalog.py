@@ -165,6 +165,44 @@ def test_catalog_keeps_the_probe_held_out() -> None:
     assert near == 0, f"catalog texts too close to {near} probe rows: {catalog_texts_near(catalog, rows)}"
 
 
+def test_catalog_keeps_the_dev_set_held_out() -> None:
+    """bench/home_dev.jsonl is our own development set (written apart from the catalog, never trained
+    on): no catalog text equals or lightly edits one of its rows, and none of its rows is a light edit
+    of a row of the independent probe (the probe is compared by count only, never shown)."""
+    import json  # noqa: PLC0415
+
+    from tools.probe import catalog_overlap, catalog_texts_near  # noqa: PLC0415
+
+    dev = [
+        json.loads(line)
+        for line in (REPO / "bench" / "home_dev.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
+    catalog = load_catalog(REPO / "catalog")
+    assert {r["intent"] for r in dev} - {"oos"} <= set(catalog.intents)
+    assert {r["lang"] for r in dev} == {"ru", "en"} and len(dev) > 1000
+    near = catalog_overlap(catalog, dev)
+    assert not near, f"catalog texts too close to dev rows {near}: {catalog_texts_near(catalog, dev)}"
+    probe = REPO.parent / "shared" / "bench" / "home_probe.jsonl"
+    if probe.is_file():
+        from rapidfuzz import fuzz, process  # noqa: PLC0415
+
+        from tools.probe import _norm  # noqa: PLC0415
+
+        held = sorted(
+            {
+                _norm(json.loads(line)["text"])
+                for line in probe.read_text(encoding="utf-8").splitlines()
+                if line.strip()
+            }
+        )
+        close = [
+            r["text"]
+            for r in dev
+            if process.extractOne(_norm(r["text"]), held, scorer=fuzz.ratio, score_cutoff=92)
+        ]
+        assert not close, f"dev rows too close to probe rows (delete them): {close}"
+
+
 def test_overlap_guard_names_the_catalog_side() -> None:
     """The guard finds a light edit and reports it by our own catalog text."""
     from tools.probe import catalog_overlap, catalog_texts_near  # noqa: PLC0415

@@ -371,6 +371,12 @@ def test_transfer_agreement_drops_variants_the_teacher_gives_another_intent() ->
     probs = np.array([[0.1, 0.9], [0.7, 0.3], [0.6, 0.4], [0.5, 0.5]], dtype=np.float32)
     assert agreeing(probs, [1, 1, 0, -1]).tolist() == [True, False, True, True]
     assert agreeing(np.zeros((0, 2), dtype=np.float32), []).tolist() == []
+    # With the out-of-scope column kept (last), only the intents compete: a variant the teacher finds
+    # mostly out of scope stays if its source's intent leads the others, as when that mass was spread.
+    with_oos = np.array([[0.05, 0.15, 0.8], [0.2, 0.1, 0.7], [0.3, 0.6, 0.1]], dtype=np.float32)
+    assert agreeing(with_oos, [1, 1, 1], n_intents=2).tolist() == [True, False, True]
+    spread = with_oos[:, :2] + with_oos[:, 2:] / 2
+    assert agreeing(spread, [1, 1, 1]).tolist() == [True, False, True]
 
 
 def test_training_with_an_agreeing_transfer_set_drops_what_the_teacher_relabels(tmp_path: Path) -> None:
@@ -397,3 +403,63 @@ def test_training_with_an_agreeing_transfer_set_drops_what_the_teacher_relabels(
     assert every["dropped_disagreeing"] == 0 and agreeing["variants"] == every["variants"]
     assert agreeing["dropped_disagreeing"] > 0  # a trigram-hash teacher disagrees with some labels
     assert agreeing["kept"] + agreeing["dropped_disagreeing"] == every["kept"]
+
+
+def test_teacher_classifier_can_keep_the_out_of_scope_class() -> None:
+    """For a student with an out-of-scope output the teacher's out-of-scope class stays a column."""
+    from tools._transfer import mix_source_labels, teacher_classifier_probs  # noqa: PLC0415
+
+    rng = np.random.default_rng(4)
+    centres = np.eye(4, dtype=np.float32) * 4.0
+    labels = [i % 3 for i in range(60)] + [-1] * 20
+    x = np.vstack([centres[[i % 3 for i in range(60)]], np.repeat(centres[3:], 20, axis=0)])
+    x = x + rng.standard_normal(x.shape).astype(np.float32) * 0.3
+    p = teacher_classifier_probs(x, labels, 3, np.vstack([centres[1], centres[3]]), c=100.0, keep_oos=True)
+    assert p.shape == (2, 4) and np.allclose(p.sum(axis=1), 1.0, atol=1e-5)
+    assert p[0, 1] > 0.9 and p[1, 3] > 0.9  # the out-of-scope query's mass is on the last column
+    no_oos = teacher_classifier_probs(x[:60], labels[:60], 3, centres[:1], c=100.0, keep_oos=True)
+    assert no_oos.shape == (1, 4) and no_oos[0, 3] == 0.0
+    mixed = mix_source_labels(p, [1, -1], 1.0, oos_column=True)
+    assert np.allclose(mixed, [[0, 1, 0, 0], [0, 0, 0, 1]])
+
+
+def test_out_of_scope_class_takes_mass_from_every_intent(tmp_path: Path) -> None:
+    """oos_class: the heads get one more output, trained on the out-of-scope rows; the exported
+    probabilities keep the intents' columns only, so an out-of-scope text has little mass on any intent
+    while the intents' own texts keep theirs. With a transfer set the labels must carry that column."""
+    from skill.features import Featurizer, build_vocab  # noqa: PLC0415
+    from tools._loop import fit_net, predict  # noqa: PLC0415
+    from tools._transfer import TransferSet  # noqa: PLC0415
+
+    names, texts, labels = _tiny_rows(tmp_path)
+    assert -1 in labels
+    feat = Featurizer(build_vocab(texts))
+    cfg = TrainConfig(epochs=15, ema_decay=0.0, word_vectors=0, oos_class=True)
+    net = fit_net(feat, texts, labels, len(names), seed=3, cfg=cfg, progress=False)
+    assert net.cfg.n_out == len(names) + 1 and net.head_enc.bias.shape[0] == len(names) + 1
+    probs, _ = predict(net, feat, texts)
+    assert probs.shape == (len(texts), len(names))
+    mass = probs.sum(axis=1)
+    inside = np.asarray(labels) >= 0
+    out_mass, in_mass = float(mass[~inside].mean()), float(mass[inside].mean())
+    assert out_mass < 0.3 and in_mass > 0.9, (out_mass, in_mass)
+    plain = fit_net(
+        feat, texts, labels, len(names), seed=3, cfg=TrainConfig(epochs=2, word_vectors=0), progress=False
+    )
+    assert np.allclose(predict(plain, feat, texts[:3])[0].sum(axis=1), 1.0, atol=1e-5)
+    raw, _ = embed_cached(HashTeacher(), texts, tmp_path / "cache")
+    narrow = TransferSet(
+        texts=texts[:2], teacher=targets(raw)[:2], probs=np.full((2, len(names)), 1 / len(names))
+    )
+    with pytest.raises(ValueError, match="transfer labels"):
+        fit_net(
+            feat,
+            texts,
+            labels,
+            len(names),
+            seed=3,
+            cfg=TrainConfig(epochs=1, word_vectors=0, oos_class=True, transfer_per_row=1),
+            teacher=targets(raw),
+            transfer=narrow,
+            progress=False,
+        )

@@ -514,10 +514,16 @@ def test_activate_goes_through_the_golden_gate(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("widths", "bag_weights", "n_tags"), [((3, 5), False, 5), ((3, 5), True, 0), ((2, 3), False, 3)]
+    ("widths", "bag_weights", "n_tags", "oos_class"),
+    [
+        ((3, 5), False, 5, False),
+        ((3, 5), True, 0, False),
+        ((2, 3), False, 3, False),
+        ((3, 5), False, 0, True),
+    ],
 )
 def test_serving_net_computes_what_the_trained_net_does(
-    widths: tuple[int, ...], bag_weights: bool, n_tags: int
+    widths: tuple[int, ...], bag_weights: bool, n_tags: int, oos_class: bool
 ) -> None:
     """The exported form (one merged char conv, no [B·W] reshape) gives Net's outputs, padded batches too."""
     import torch  # noqa: PLC0415 - training-only dependency
@@ -533,6 +539,7 @@ def test_serving_net_computes_what_the_trained_net_does(
         conv_widths=widths,
         bag_weights=bag_weights,
         n_tags=n_tags,
+        oos_class=oos_class,
     )
     net = Net(cfg).eval()
     for p in net.parameters():  # trained-looking weights: nothing left at its zero init
@@ -550,6 +557,8 @@ def test_serving_net_computes_what_the_trained_net_does(
     for a, b in zip(want, got, strict=True):
         assert a.shape == b.shape
         assert torch.allclose(a, b, atol=1e-5)
+    assert got[0].shape[1] == 4  # the intents' columns only, with or without an out-of-scope output
+    assert bool((got[0].sum(dim=1) < 1 - 1e-3).all()) == oos_class
 
 
 def test_exported_graph_has_one_char_conv_and_no_lstm_state(tmp_path: Path) -> None:
@@ -594,3 +603,31 @@ def test_int8_agreement_leaves_near_ties_out() -> None:
     assert top1_agreement(p32, flipped_tie) == (1.0, 2 / 3, 1)
     flipped_clear = np.array([[0.4, 0.6], [0.503, 0.497], [0.2, 0.8]], dtype=np.float32)
     assert top1_agreement(p32, flipped_clear) == (0.5, 2 / 3, 1)
+
+
+def test_a_model_with_an_out_of_scope_class_serves_and_explains_it(tmp_path: Path) -> None:
+    """--set oos_class=true end to end: the graph still outputs one probability per intent, the model
+    folder records the extra class, and a decision's evidence says what share went to no intent."""
+    from skill.canonicalize import Canonicalizer  # noqa: PLC0415
+    from skill.ranker import Ranker  # noqa: PLC0415
+
+    catalog_dir = write_tiny_catalog(tmp_path / "catalog")
+    out = tmp_path / "models"
+    argv = ["--catalog", str(catalog_dir), "--out", str(out), "--quiet", "--set", "oos_class=true"]
+    assert trainer.main(argv) == 0
+    model_dir = next(p for p in out.iterdir() if (p / "ranker_config.json").is_file())
+    config = json.loads((model_dir / "ranker_config.json").read_text(encoding="utf-8"))
+    assert config["net"]["oos_class"] is True and config["train"]["oos_class"] is True
+    ranker = Ranker.load(model_dir)
+    canon = Canonicalizer(load_catalog(catalog_dir))
+    inside = ranker.decide(canon.canonicalize("set an alarm for 7:30", locale="en"))
+    outside = ranker.decide(canon.canonicalize("tell me about the history of rome", locale="en"))
+    assert inside.intent == "alarm.set"
+    share_in, share_out = inside.evidence["out_of_scope_share"], outside.evidence["out_of_scope_share"]
+    assert 0.0 <= share_in < share_out <= 1.0, (share_in, share_out)
+    assert (
+        "out_of_scope_share"
+        not in Ranker.load(train_tiny(tmp_path / "plain"))
+        .decide(canon.canonicalize("set an alarm for 7:30", locale="en"))
+        .evidence
+    )

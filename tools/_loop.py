@@ -40,6 +40,10 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     supcon_weight: float = 0.2
     supcon_tau: float = 0.1
     oe_weight: float = 0.5  # outlier exposure: push oos rows towards a uniform softmax
+    # Out-of-scope rows as a class of their own (one more classifier output, cross-entropy like an
+    # intent's, branches included) instead of outlier exposure; NetConfig.oos_class. The transfer
+    # set's teacher labels then keep their out-of-scope column too.
+    oos_class: bool = False
     augment_rate: float = 0.3
     # Per span and epoch, the chance a tagged span is replaced by another span of the same slot and
     # intent from training (entity substitution). Measured at 0.5 on the embedded model (session 5):
@@ -279,8 +283,17 @@ def fit_net(
     vocab = feat.vocab
     n_tags = n_tags if tags is not None and any(t is not None for t in tags) else 0
     net = Net(
-        NetConfig(vocab.n_chars, vocab.n_words, vocab.n_ngrams, n_classes, hidden=cfg.hidden, n_tags=n_tags)
+        NetConfig(
+            vocab.n_chars,
+            vocab.n_words,
+            vocab.n_ngrams,
+            n_classes,
+            hidden=cfg.hidden,
+            n_tags=n_tags,
+            oos_class=cfg.oos_class,
+        )
     )
+    n_out = net.cfg.n_out
     row_tags: list[list[int] | None] = list(tags) if n_tags and tags is not None else [None] * len(texts)
     n_base = len(texts)
     p_all: torch.Tensor | None = None
@@ -289,7 +302,9 @@ def fit_net(
         texts = [*texts, *transfer.texts]
         extra_tags = transfer.tags if n_tags and transfer.tags is not None else [None] * n_extra
         row_tags = [*row_tags, *extra_tags]
-        probs = np.zeros((n_base + n_extra, n_classes), dtype=np.float32)
+        if transfer.probs.shape[1] != n_out:
+            raise ValueError(f"transfer labels have {transfer.probs.shape[1]} classes, the heads {n_out}")
+        probs = np.zeros((n_base + n_extra, n_out), dtype=np.float32)
         probs[n_base:] = transfer.probs
         p_all = torch.from_numpy(probs)
     extra_rows = list(range(n_base, len(texts)))
@@ -318,7 +333,7 @@ def fit_net(
             soft = teacher_soft_labels(teacher, labels, n_classes, cfg.soft_label_k, cfg.soft_label_tau)
         else:
             raise ValueError(f"soft_label_kind {cfg.soft_label_kind!r}: expected 'knn' or 'linear'")
-        q_all = torch.from_numpy(np.pad(soft, ((0, len(texts) - n_base), (0, 0))))
+        q_all = torch.from_numpy(np.pad(soft, ((0, len(texts) - n_base), (0, n_out - n_classes))))
     word_head: torch.nn.Linear | None = None
     w_all: torch.Tensor | None = None
     w_ids: torch.Tensor | None = None
@@ -434,7 +449,13 @@ def fit_net(
                 )
                 loss = loss + cfg.transfer_weight * soft_ce
             oos_rows = y == -1
-            if bool(oos_rows.any()) and cfg.oe_weight > 0:
+            if bool(oos_rows.any()) and cfg.oos_class:
+                yo = torch.full((int(oos_rows.sum()),), n_classes, dtype=torch.long)
+                loss = loss + F.cross_entropy(logits[oos_rows], yo, label_smoothing=cfg.label_smoothing)
+                loss = loss + cfg.branch_weight * (
+                    F.cross_entropy(le[oos_rows], yo) + F.cross_entropy(lb[oos_rows], yo)
+                )
+            elif bool(oos_rows.any()) and cfg.oe_weight > 0:
                 loss = loss - cfg.oe_weight * F.log_softmax(logits[oos_rows], dim=1).mean()
             labelled = ~soft_rows  # the variants have no label: not part of the contrast
             if int(labelled.sum()) > 1:

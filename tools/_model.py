@@ -25,6 +25,15 @@ class NetConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     dropout: float = 0.3
     bag_weights: bool = False  # learn a weight per n-gram (an IDF-like weighted mean) instead of a plain mean
     n_tags: int = 0  # BIO slot tags of the tagging head over the BiLSTM's word states (0: no head)
+    # One more output for out-of-scope rows (trained as a class, TrainConfig.oos_class). The exported
+    # ``probs`` keep the intents' columns only, not renormalized: what the out-of-scope column took is
+    # missing from every intent's probability, so serving reads the graph as before.
+    oos_class: bool = False
+
+    @property
+    def n_out(self) -> int:
+        """Width of the classifier heads: the intents, plus the out-of-scope class if any."""
+        return self.n_classes + int(self.oos_class)
 
 
 class Dense(nn.Module):
@@ -57,8 +66,8 @@ class Net(nn.Module):
         self.bag_w = nn.Embedding(cfg.n_ngrams, 1, padding_idx=0, sparse=True) if cfg.bag_weights else None
         enc_dim = 4 * cfg.hidden
         self.drop = nn.Dropout(cfg.dropout)
-        self.head_enc = Dense(enc_dim, cfg.n_classes)
-        self.head_bag = Dense(cfg.bag_dim, cfg.n_classes)
+        self.head_enc = Dense(enc_dim, cfg.n_out)
+        self.head_bag = Dense(cfg.bag_dim, cfg.n_out)
         self.proj = Dense(enc_dim + cfg.bag_dim, cfg.proj_dim)
         self.head_tag = Dense(2 * cfg.hidden, cfg.n_tags) if cfg.n_tags else None
 
@@ -114,9 +123,16 @@ class Net(nn.Module):
         logits = self.head_enc(enc) + self.head_bag(bag)
         emb = self.proj(torch.cat([enc, bag], dim=1))
         emb = emb / torch.sqrt((emb * emb).sum(dim=1, keepdim=True) + 1e-12)
+        probs = intent_probs(logits, self.cfg)
         if self.head_tag is None:
-            return torch.softmax(logits, dim=1), emb
-        return torch.softmax(logits, dim=1), emb, torch.softmax(self.head_tag(states), dim=2)
+            return probs, emb
+        return probs, emb, torch.softmax(self.head_tag(states), dim=2)
+
+
+def intent_probs(logits: torch.Tensor, cfg: NetConfig) -> torch.Tensor:
+    """Softmax over the heads' outputs, the intents' columns only (see ``NetConfig.oos_class``)."""
+    probs = torch.softmax(logits, dim=1)
+    return probs[:, : cfg.n_classes] if cfg.oos_class else probs
 
 
 class ServingNet(nn.Module):
@@ -181,9 +197,10 @@ class ServingNet(nn.Module):
         logits = net.head_enc(enc) + net.head_bag(bag)
         emb = net.proj(torch.cat([enc, bag], dim=1))
         emb = emb / torch.sqrt((emb * emb).sum(dim=1, keepdim=True) + 1e-12)
+        probs = intent_probs(logits, net.cfg)
         if net.head_tag is None:
-            return torch.softmax(logits, dim=1), emb
-        return torch.softmax(logits, dim=1), emb, torch.softmax(net.head_tag(out), dim=2)
+            return probs, emb
+        return probs, emb, torch.softmax(net.head_tag(out), dim=2)
 
 
 def supcon_loss(emb: torch.Tensor, labels: torch.Tensor, tau: float = 0.1) -> torch.Tensor:

@@ -197,10 +197,13 @@ def teacher_classifier_probs(  # noqa: PLR0917 - arrays of one training run and 
     queries: np.ndarray,
     c: float,
     iters: int = 100,
+    keep_oos: bool = False,
 ) -> np.ndarray:
     """[queries, n_classes]: a softmax regression fitted on the training rows' teacher targets
     (in-scope rows by intent; out-of-scope rows, if any, as one more class whose probability is spread
-    evenly over the intents), applied to ``queries``."""
+    evenly over the intents), applied to ``queries``. ``keep_oos``: [queries, n_classes + 1], the
+    out-of-scope class kept as the last column (a student with an out-of-scope output; zero if the
+    training rows have none)."""
     import torch  # noqa: PLC0415 - training only
     import torch.nn.functional as F  # noqa: PLC0415, N812
 
@@ -215,26 +218,36 @@ def teacher_classifier_probs(  # noqa: PLR0917 - arrays of one training run and 
     with torch.no_grad():
         p = F.softmax(torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)) @ w + b, dim=1)
     probs = p.numpy().astype(np.float32)
+    if keep_oos:
+        return probs if has_oos else np.pad(probs, ((0, 0), (0, 1)))
     if has_oos:
         probs = (probs[:, :n_classes] + probs[:, n_classes:] / n_classes).astype(np.float32)
     return probs / probs.sum(axis=1, keepdims=True)
 
 
-def mix_source_labels(probs: np.ndarray, source_labels: Sequence[int], mix: float) -> np.ndarray:
+def mix_source_labels(
+    probs: np.ndarray, source_labels: Sequence[int], mix: float, oos_column: bool = False
+) -> np.ndarray:
     """``(1 - mix)`` of the teacher's distribution plus ``mix`` of the source row's own label (one-hot;
-    uniform for an out-of-scope source, label < 0); ``mix`` is clipped to [0, 1]."""
+    for an out-of-scope source, label < 0, uniform, or the last column with ``oos_column``); ``mix``
+    is clipped to [0, 1]."""
     mix = min(1.0, max(0.0, mix))
     if mix == 0 or not len(probs):
         return probs
     n = probs.shape[1]
     src = np.asarray(source_labels, dtype=np.int64)
     own = np.full_like(probs, 1.0 / n)
+    if oos_column:
+        own[src < 0] = np.eye(n, dtype=probs.dtype)[n - 1]
     own[src >= 0] = np.eye(n, dtype=probs.dtype)[src[src >= 0]]
     return ((1.0 - mix) * probs + mix * own).astype(probs.dtype)
 
 
-def agreeing(probs: np.ndarray, source_labels: Sequence[int]) -> np.ndarray:
+def agreeing(probs: np.ndarray, source_labels: Sequence[int], n_intents: int | None = None) -> np.ndarray:
     """A mask over the variants: True where the source is out of scope (label < 0) or the teacher's
-    top class is the source's own label."""
+    top intent is the source's own label. Only the first ``n_intents`` columns compete (default all):
+    an out-of-scope column kept for the student (``keep_oos``) is not another intent, so a variant the
+    teacher finds out of scope is kept as it was when that mass was spread over the intents (adding
+    the same share to every intent never changes which intent is on top)."""
     src = np.asarray(source_labels, dtype=np.int64)
-    return (src < 0) | (probs.argmax(axis=1) == src)
+    return (src < 0) | (probs[:, :n_intents].argmax(axis=1) == src)

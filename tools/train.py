@@ -352,17 +352,22 @@ def _transfer_set(  # noqa: PLR0917 - one call site, the training run's own obje
             labels = _tag_labels([row], canon, *tagging).get(masked)
         tags.append(labels)
     probs = teacher_classifier_probs(
-        t_targets, prep.train_labels, len(prep.intents), centred[keep], cfg.soft_label_c
+        t_targets,
+        prep.train_labels,
+        len(prep.intents),
+        centred[keep],
+        cfg.soft_label_c,
+        keep_oos=cfg.oos_class,
     )
     own = [prep.train_labels[drawn[j].source] for j in keep]
     disagreeing = 0
     if cfg.transfer_agree:
-        mask = agreeing(probs, own)
+        mask = agreeing(probs, own, len(prep.intents))
         disagreeing = int((~mask).sum())
         chosen = np.nonzero(mask)[0]
         keep, texts, tags = [keep[i] for i in chosen], [texts[i] for i in chosen], [tags[i] for i in chosen]
         probs, own = probs[chosen], [own[i] for i in chosen]
-    probs = mix_source_labels(probs, own, cfg.transfer_label_mix)
+    probs = mix_source_labels(probs, own, cfg.transfer_label_mix, oos_column=cfg.oos_class)
     info: dict[str, object] = {
         "variants": len(drawn),
         "kept": len(keep),
