@@ -255,14 +255,20 @@ def test_transfer_variants_are_new_deterministic_and_in_script() -> None:
     assert sum(v.source == 0 for v in drawn) == 3  # a long text always finds three new variants
 
 
-def test_teacher_classifier_spreads_the_out_of_scope_class() -> None:
-    from tools._transfer import teacher_classifier_probs  # noqa: PLC0415
-
+def _three_intents_and_out_of_scope() -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Teacher vectors of three intents' clusters (20 rows each) and an out-of-scope cluster (20 rows):
+    the cluster centres, the rows and their labels (-1: out of scope)."""
     rng = np.random.default_rng(4)
     centres = np.eye(4, dtype=np.float32) * 4.0
     labels = [i % 3 for i in range(60)] + [-1] * 20
     x = np.vstack([centres[[i % 3 for i in range(60)]], np.repeat(centres[3:], 20, axis=0)])
-    x = x + rng.standard_normal(x.shape).astype(np.float32) * 0.3
+    return centres, x + rng.standard_normal(x.shape).astype(np.float32) * 0.3, labels
+
+
+def test_teacher_classifier_spreads_the_out_of_scope_class() -> None:
+    from tools._transfer import teacher_classifier_probs  # noqa: PLC0415
+
+    centres, x, labels = _three_intents_and_out_of_scope()
     queries = np.vstack([centres[1], centres[3]])
     p = teacher_classifier_probs(x, labels, 3, queries, c=100.0)
     assert p.shape == (2, 3) and np.allclose(p.sum(axis=1), 1.0, atol=1e-5)
@@ -409,11 +415,7 @@ def test_teacher_classifier_can_keep_the_out_of_scope_class() -> None:
     """For a student with an out-of-scope output the teacher's out-of-scope class stays a column."""
     from tools._transfer import mix_source_labels, teacher_classifier_probs  # noqa: PLC0415
 
-    rng = np.random.default_rng(4)
-    centres = np.eye(4, dtype=np.float32) * 4.0
-    labels = [i % 3 for i in range(60)] + [-1] * 20
-    x = np.vstack([centres[[i % 3 for i in range(60)]], np.repeat(centres[3:], 20, axis=0)])
-    x = x + rng.standard_normal(x.shape).astype(np.float32) * 0.3
+    centres, x, labels = _three_intents_and_out_of_scope()
     p = teacher_classifier_probs(x, labels, 3, np.vstack([centres[1], centres[3]]), c=100.0, keep_oos=True)
     assert p.shape == (2, 4) and np.allclose(p.sum(axis=1), 1.0, atol=1e-5)
     assert p[0, 1] > 0.9 and p[1, 3] > 0.9  # the out-of-scope query's mass is on the last column
