@@ -321,14 +321,11 @@ class Ranker:
             "nearest_example_similarity": round(pos_sim, 6),
             "unknown_word_share": round(unk, 4),
             "nearest_negative": nearest_negative,
-            **(
-                {"out_of_scope_share": round(max(0.0, 1.0 - float(probs[0].sum())), 6)}
-                if self._oos_class
-                else {}
-            ),
             "canonicalized_text": canonical.masked,
             "model_id": self.model_id,
         }
+        if self._oos_class:
+            evidence["out_of_scope_share"] = round(max(0.0, 1.0 - float(probs[0].sum())), 6)
         if tag_probs is not None:
             evidence["tagged_spans"] = self.tag(canonical, self._names[top], tag_probs)
         if neg_sim is not None and neg_sim - pos_sim > self.config.neg_margin:
