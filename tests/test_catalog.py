@@ -180,8 +180,10 @@ def test_catalog_keeps_the_dev_set_held_out() -> None:
     catalog = load_catalog(REPO / "catalog")
     assert {r["intent"] for r in dev} - {"oos"} <= set(catalog.intents)
     assert {r["lang"] for r in dev} == {"ru", "en"} and len(dev) > 1000
-    near = catalog_overlap(catalog, dev)
-    assert not near, f"catalog texts too close to dev rows {near}: {catalog_texts_near(catalog, dev)}"
+    # Like the probe's guard: our own lines are named, the dev rows only counted (a writer who runs this
+    # test must not be shown the rows the catalog is judged on).
+    near = len(catalog_overlap(catalog, dev))
+    assert near == 0, f"catalog texts too close to {near} dev rows: {catalog_texts_near(catalog, dev)}"
     probe = REPO.parent / "shared" / "bench" / "home_probe.jsonl"
     if probe.is_file():
         from rapidfuzz import fuzz, process  # noqa: PLC0415

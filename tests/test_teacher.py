@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from tests.test_train import write_tiny_catalog
 from tools import train as trainer
 from tools._data import rows_from_catalog
 from tools._loop import TrainConfig, teacher_linear_soft_labels, teacher_soft_labels
-from tools._teacher import HashTeacher, embed_cached, linear_cka, load_teacher, targets
+from tools._teacher import HashTeacher, embed_cached, linear_cka, load_teacher, merge_into_cache, targets
 
 
 def _tiny_rows(tmp_path: Path) -> tuple[list[str], list[str], list[int]]:
@@ -26,6 +27,26 @@ def _tiny_rows(tmp_path: Path) -> tuple[list[str], list[str], list[int]]:
     names = sorted({r.intent for r in train if r.intent != "oos"})
     texts = [r.text.lower() for r in train]
     return names, texts, [names.index(r.intent) if r.intent in names else -1 for r in train]
+
+
+def test_cache_writers_keep_each_others_entries(tmp_path: Path) -> None:
+    """Another training writes the cache while this one embeds (after this one read it): both keep
+    their texts, so neither pays the other's again."""
+    path = tmp_path / f"{HashTeacher().name}.npz"
+    other = {"b" * 32: np.zeros(HashTeacher().dim, dtype=np.float16)}
+
+    class Racing(HashTeacher):
+        def encode(self, texts: Sequence[str]) -> np.ndarray:
+            merge_into_cache(path, other)  # the other writer lands between this one's read and write
+            return super().encode(texts)
+
+    _, stats = embed_cached(Racing(), ["turn on the light", "turn off the light"], tmp_path)
+    assert stats["computed"] == 2
+    with np.load(path) as data:
+        assert len(data.files) == 3 and "b" * 32 in data.files
+    assert not list(tmp_path.glob("*.tmp.npz"))
+    _, stats = embed_cached(HashTeacher(), ["turn on the light", "turn off the light"], tmp_path)
+    assert stats["computed"] == 0
 
 
 def test_cache_computes_each_text_once(tmp_path: Path) -> None:

@@ -106,6 +106,39 @@ def _key(teacher: Teacher, text: str) -> str:
     return hashlib.sha256(f"{teacher.name}\0{text}".encode()).hexdigest()[:32]
 
 
+def _read_cache(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:  # a damaged cache is rebuilt, never trusted
+        _LOGGER.warning("teacher cache %s unreadable (%s): rebuilding", path, exc)
+        return {}
+
+
+def merge_into_cache(path: Path, fresh: dict[str, np.ndarray]) -> None:
+    """Add ``fresh`` entries to the cache file, keeping what other writers stored since it was read.
+
+    Two trainings that share the cache (two seeds, or a benchmark next to a retrain) each read it at
+    the start and write it when their texts are embedded; written whole, the last writer's file
+    replaced the other's entries, and the next run paid them again. Under an exclusive lock the file
+    is read again, merged and replaced (a fresh temporary name per writer, then an atomic rename).
+    """
+    import fcntl  # noqa: PLC0415 - POSIX only, like the training machines
+
+    with open(path.with_name(f"{path.stem}.lock"), "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            merged = _read_cache(path)
+            merged.update(fresh)
+            tmp = path.with_name(f"{path.stem}.{os.getpid()}.{time.monotonic_ns()}.tmp.npz")
+            np.savez(tmp, **merged)  # type: ignore[arg-type]  # numpy's stubs read **kwds as allow_pickle
+            os.replace(tmp, path)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def embed_cached(
     teacher: Teacher, texts: Sequence[str], cache_dir: Path | None = None, batch: int = 64
 ) -> tuple[np.ndarray, dict[str, int]]:
@@ -113,25 +146,18 @@ def embed_cached(
     cache_dir = cache_dir or default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"{teacher.name}.npz"
-    cached: dict[str, np.ndarray] = {}
-    if path.is_file():
-        try:
-            with np.load(path) as data:
-                cached = {k: data[k] for k in data.files}
-        except (OSError, ValueError) as exc:  # a damaged cache is rebuilt, never trusted
-            _LOGGER.warning("teacher cache %s unreadable (%s): rebuilding", path, exc)
+    cached = _read_cache(path)
     keys = [_key(teacher, t) for t in texts]
     todo = sorted({k: t for k, t in zip(keys, texts, strict=True) if k not in cached}.items())
+    fresh: dict[str, np.ndarray] = {}
     for i in range(0, len(todo), batch):
         part = todo[i : i + batch]
         vecs = teacher.encode([t for _, t in part])
         for (k, _), v in zip(part, vecs, strict=True):
-            cached[k] = v.astype(np.float16)
-    if todo:
-        # A name of its own per writer: two trainings sharing the cache must not rename each other's file.
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.{time.monotonic_ns()}.tmp.npz")
-        np.savez(tmp, **cached)  # type: ignore[arg-type]  # numpy's stubs read **kwds as allow_pickle
-        os.replace(tmp, path)
+            fresh[k] = v.astype(np.float16)
+    if fresh:
+        cached.update(fresh)
+        merge_into_cache(path, fresh)
     out = np.stack([cached[k].astype(np.float32) for k in keys]) if keys else np.zeros((0, teacher.dim))
     out /= np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-9)
     return out, {"texts": len(texts), "computed": len(todo), "cached": len(set(keys)) - len(todo)}
