@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os  # noqa: F401 - read by the skipif condition
 import shutil
@@ -214,6 +215,23 @@ def test_rows_from_catalog_split_is_deterministic(tmp_path: Path) -> None:
     assert {r.intent for r in val} >= {"alarm.set", "weather.get", "oos"}
     oos = [r for r in train + val if r.intent == "oos"]
     assert len(oos) == 10  # 9 out_of_scope + 1 negative
+
+
+def test_appended_negatives_move_no_other_row_between_splits(tmp_path: Path) -> None:
+    """Negatives are split per list: lines appended to one intent's negatives leave every row the
+    catalog had where it was (train stays train, val stays val), so two catalog versions can be
+    compared on the val rows both hold out."""
+    before = rows_from_catalog(load_catalog(write_tiny_catalog(tmp_path / "a")))
+    grown = copy.deepcopy(TINY)
+    grown["intents"][0]["negatives"]["en"] += [f"do i have an alarm number {i}" for i in range(9)]
+    grown["intents"][1]["negatives"] = {"en": ["is weather a good word", "the weather channel is on tv"]}
+    root = write_tiny_catalog(tmp_path / "b")
+    (root / "intents" / "tiny.yaml").write_text(yaml.safe_dump(grown, allow_unicode=True), encoding="utf-8")
+    after = rows_from_catalog(load_catalog(root))
+    for old, new in zip(before, after, strict=True):
+        assert {(r.text, r.intent) for r in old} <= {(r.text, r.intent) for r in new}
+    # the alarm negatives' own list now holds val rows (every 5th of ten), the out-of-scope list its own
+    assert sum(r.text.startswith("do i have an alarm") for r in after[1]) == 2
 
 
 def test_rows_from_jsonl_reads_bench_and_hub_rows(tmp_path: Path) -> None:

@@ -72,11 +72,15 @@ def rows_from_catalog(catalog: Catalog) -> tuple[list[Row], list[Row]]:
             ]
             for (text, spans), split in _split_list(pairs):
                 (val if split == "val" else train).append(Row(text, name, locale, split, spans))
-    negatives: dict[str, list[str]] = defaultdict(list)
+    # Negatives are split per list, like the examples (each intent's list per locale, the out-of-scope
+    # list per locale): a line appended to one list moves no other row between train and val, so two
+    # catalog versions can be compared on the val rows both hold out. (One list per locale, as before,
+    # moved every later intent's negatives when one was added.)
+    negatives: dict[tuple[str, str], list[str]] = defaultdict(list)
     for ex in catalog.negatives():
-        negatives[ex.locale].append(ex.text)
-    for locale in sorted(negatives):
-        for text, split in _split_list(negatives[locale]):
+        negatives[(ex.intent, ex.locale)].append(ex.text)
+    for (_, locale), texts in negatives.items():
+        for text, split in _split_list(texts):
             (val if split == "val" else train).append(Row(text, OOS, locale, split))
     return train, val
 
