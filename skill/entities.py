@@ -36,12 +36,15 @@ def _singular(word: str) -> str:
 class Lemmatizer:
     """Word → ``Lemmas`` (surface, most likely lemma, other likely lemmas); cached, thread-safe."""
 
-    def __init__(self, min_score: float, cache_size: int = 65536) -> None:
+    # Bounded for a service that hears new words for months: the catalog's own words fill about 10,000
+    # lemma and 5,000 known-word entries at start, and 65,536 of each let a soak of novel words grow the
+    # service by about 30 MB (`python -m tools.load --soak 150 --novel-words`).
+    def __init__(self, min_score: float, cache_size: int = 16384) -> None:
         self._morph = pymorphy3.MorphAnalyzer()
         self._lock = threading.Lock()  # pymorphy3 does not promise thread safety; only misses lock
         self._min_score = min_score
         self.lemmas: Callable[[str], Lemmas] = functools.lru_cache(maxsize=cache_size)(self._lemmas)
-        self.is_known: Callable[[str], bool] = functools.lru_cache(maxsize=cache_size)(self._is_known)
+        self.is_known: Callable[[str], bool] = functools.lru_cache(maxsize=cache_size // 2)(self._is_known)
 
     def _lemmas(self, word: str) -> Lemmas:
         if not word or len(word) > _MAX_WORD or word[0].isdigit():
@@ -136,7 +139,7 @@ class EntityIndex:
             if len(form) >= matching.fuzzy_min_len and form.isalpha():
                 vocab.setdefault(form[0], set()).add(form)
         self._vocab = {k: tuple(sorted(v)) for k, v in vocab.items()}
-        self._fuzzy: Callable[[str], tuple[str, float] | None] = functools.lru_cache(maxsize=16384)(
+        self._fuzzy: Callable[[str], tuple[str, float] | None] = functools.lru_cache(maxsize=8192)(
             self._fuzzy_uncached
         )
         _LOGGER.debug("entity index: %d aliases, %d forms", len(self._aliases), len(self._known))

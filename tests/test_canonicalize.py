@@ -572,3 +572,30 @@ def test_unknown_masking_key_is_an_error(tmp_path: Path) -> None:
     (root / "masking.yaml").write_text("schema_version: 1\ntime: {bogus: 1}\n", encoding="utf-8")
     with pytest.raises(CatalogError, match="masking.yaml"):
         Canonicalizer(load_catalog(root))
+
+
+def test_per_word_caches_stay_bounded_whatever_the_traffic(repo_canon: Canonicalizer) -> None:
+    """A home hears new names and typos for months: the word caches of the canonicalizer (lemmas, known
+    words, fuzzy alias matches) and of the featurizer hold a bounded number of words, so a soak where
+    every request brings a new word levels off (`tools.load --soak --novel-words`: +58 MB and rising
+    with the old bounds, +9.5 MB and flat with these)."""
+    from skill.features import _CACHE_LIMIT, Featurizer  # noqa: PLC0415
+    from skill.registry import resolve_model_dir  # noqa: PLC0415
+    from tools.load import with_novel_word  # noqa: PLC0415
+
+    model = resolve_model_dir([REPO / "models"], None)
+    assert model is not None
+    feat = Featurizer.load(model / "vocab.json")
+    for n in range(20_000):
+        text = with_novel_word("включи свет в гостиной" if n % 2 else "turn on the light in the den", n)
+        feat.encode_one(model_text_of(repo_canon, text))
+    lem = repo_canon.lemmatizer
+    assert lem.lemmas.cache_info().currsize <= 16384  # type: ignore[attr-defined]
+    assert lem.is_known.cache_info().currsize <= 8192  # type: ignore[attr-defined]
+    assert len(feat._cache) <= _CACHE_LIMIT <= 8192
+
+
+def model_text_of(canon: Canonicalizer, text: str) -> str:
+    from skill.features import model_text  # noqa: PLC0415
+
+    return model_text(canon.canonicalize(text, "ru" if "свет" in text else "en"))

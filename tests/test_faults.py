@@ -756,6 +756,17 @@ def test_lock_file_pins_every_declared_dependency() -> None:
 # --- the load script itself --------------------------------------------------------------------
 
 
+def test_novel_words_are_new_every_request_and_keep_the_script() -> None:
+    from tools.load import novel_word, with_novel_word  # noqa: PLC0415
+
+    words = {novel_word(n, n % 2 == 0) for n in range(5000)}
+    assert len(words) == 5000 and min(map(len, words)) >= 6
+    ru, en = with_novel_word("включи свет на кухне", 1), with_novel_word("turn on the light", 1)
+    assert ru.split()[0] == "включи" and ru.split()[1] != "свет" and ru.split()[1].isalpha()
+    assert all("а" <= c <= "я" for c in ru.split()[1]) and en.split()[1].isascii()
+    assert with_novel_word("", 3) == ""
+
+
 @slow
 def test_load_script_steps_and_a_short_soak(tmp_path: Path) -> None:
     """``python -m tools.load`` end to end, small: zero errors at every step, a clean exit, flat memory."""

@@ -10,13 +10,16 @@ it up, then either
   ``--sample-every`` seconds, to show that it does not grow.
 
 Utterances are real and mixed: the catalog's examples, negatives and out-of-scope phrases plus test
-rows of the shared benchmark files when they are there. Every loop is bounded in count and time and
-stops by itself; nothing but 127.0.0.0/8 / ::1 is ever contacted.
+rows of the shared benchmark files when they are there. With ``--novel-words`` every request has one
+word replaced by a made-up word it never had before (in the text's script), as a home hears new names
+and typos for months: the soak then shows whether per-word caches keep memory bounded. Every loop is
+bounded in count and time and stops by itself; nothing but 127.0.0.0/8 / ::1 is ever contacted.
 
     python -m tools.load                       # concurrency steps, ~2 minutes
     python -m tools.load --soak 600            # 10-minute soak
     python -m tools.load --soak 600 --rate 150 # the same, paced (kind to a shared machine)
     python -m tools.load --steps 1,8 --step-seconds 3 --out /tmp/load.json
+    python -m tools.load --soak 300 --novel-words  # every request brings a word never seen before
 """
 
 from __future__ import annotations
@@ -155,6 +158,32 @@ async def _sample_memory(target: Target, phase: Phase, every: float, stop: async
             continue
 
 
+_CYRILLIC = "бвгджзклмнпрстфхцчшщаеиоуыэюя"
+_LATIN = "bcdfghjklmnpqrstvwxzaeiouy"
+
+
+def novel_word(n: int, cyrillic: bool) -> str:
+    """The ``n``-th made-up word (``n`` >= 0 written in the alphabet's base, at least 6 letters)."""
+    abc = _CYRILLIC if cyrillic else _LATIN
+    letters = []
+    n += len(abc) ** 5  # six letters at least: no short real word by accident
+    while n:
+        n, d = divmod(n, len(abc))
+        letters.append(abc[d])
+    return "".join(letters)
+
+
+def with_novel_word(text: str, n: int) -> str:
+    """``text`` with one of its words (the ``n % words``-th) replaced by :func:`novel_word` ``n``."""
+    words = text.split()
+    if not words:
+        return text
+    at = n % len(words)
+    cyrillic = any("\u0400" <= ch <= "\u04ff" for ch in text)
+    words[at] = novel_word(n, cyrillic)
+    return " ".join(words)
+
+
 async def run_phase(
     session: aiohttp.ClientSession,
     target: Target,
@@ -167,6 +196,7 @@ async def run_phase(
     timeout_s: float,
     headers: dict[str, str],
     rate: float = 0.0,
+    novel_words: bool = False,
 ) -> Phase:
     """``phase.concurrency`` workers post utterances until the time or the request budget is used up."""
     max_requests = min(max_requests, MAX_REQUESTS)
@@ -189,7 +219,10 @@ async def run_phase(
                     await asyncio.sleep(due)
                 if time.monotonic() >= deadline:
                     break
-            body = {"text": texts[(offset + i) % len(texts)], "request_id": f"load-{phase.name}-{i}"}
+            text = texts[(offset + i) % len(texts)]
+            if novel_words:
+                text = with_novel_word(text, i)
+            body = {"text": text, "request_id": f"load-{phase.name}-{i}"}
             t0 = time.perf_counter()
             try:
                 async with session.post(url, json=body, headers=headers, timeout=timeout) as resp:
@@ -364,6 +397,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         seconds=args.soak,
                         max_requests=args.max_requests,
                         rate=args.rate,
+                        novel_words=args.novel_words,
                         **common,
                     )
                     summary = soak.summary()
@@ -444,6 +478,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="soak: at most this many requests per second (0 = as fast as the workers go)",
     )
     p.add_argument("--max-requests", type=int, default=2_000_000, help="soak request budget")
+    p.add_argument(
+        "--novel-words",
+        action="store_true",
+        help="soak: one word of every request replaced by a made-up word never sent before",
+    )
     p.add_argument("--sample-every", type=float, default=5.0, help="seconds between memory samples")
     p.add_argument(
         "--memory-tolerance-mb",
