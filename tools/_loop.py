@@ -33,6 +33,7 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     epochs: int = 40
     hidden: int = 96  # BiLSTM units per direction (NetConfig.hidden)
+    word_dim: int = 64  # the word table's width (NetConfig.word_dim), where teacher word vectors land
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -296,6 +297,7 @@ def fit_net(
             vocab.n_ngrams,
             n_classes,
             hidden=cfg.hidden,
+            word_dim=cfg.word_dim,
             n_tags=n_tags,
             oos_class=cfg.oos_class,
         )
